@@ -1,0 +1,121 @@
+"""``distributor`` command line: serve, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+import uvloop
+
+from distributor.config import AnalyzerConfig, Config, ConfigError, resolve
+
+EXIT_CONFIG = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="data port (default 0.0.0.0:8080)")
+    parser.add_argument("--admin-listen", metavar="HOST:PORT", help="control plane (default 127.0.0.1:9091)")
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--analyzer", action="append", default=[], metavar="NAME=URL@WEIGHT",
+        help="analyzer (repeatable; replaces the file's analyzers); weights are normalised",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override any other key, e.g. --set queue.max_packets=5000",
+    )
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
+    """Defaults < TOML < environment < CLI flags, validated."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    if args.listen:
+        top["listen"] = args.listen
+    if args.admin_listen:
+        top["admin_listen"] = args.admin_listen
+    if args.workers is not None:
+        top["workers"] = args.workers
+    if args.analyzer:
+        top["analyzers"] = [_analyzer_table(AnalyzerConfig.parse_flag(text)) for text in args.analyzer]
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep:
+            raise ConfigError(f"--set: expected SECTION.KEY=VALUE or KEY=VALUE, got {item!r}")
+        if dot:
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[section] = value
+    return resolve(args.config, os.environ if environ is None else environ, top, sections)
+
+
+def _analyzer_table(analyzer: AnalyzerConfig) -> dict[str, Any]:
+    return {"name": analyzer.name, "url": analyzer.url, "weight": analyzer.weight, "mode": analyzer.mode}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from distributor.control_plane import start_control_plane
+    from distributor.supervisor import Supervisor
+
+    config = config_from_args(args)
+
+    async def run() -> int:
+        supervisor = Supervisor(config, reload_config=lambda: config_from_args(args))
+        try:
+            runner = await start_control_plane(supervisor)
+        except OSError as exc:
+            supervisor.table.close()
+            logging.getLogger("distributor").error(
+                "cannot listen on admin address %s: %s", config.admin_listen, exc.strerror
+            )
+            return EXIT_CONFIG
+        try:
+            return await supervisor.run()
+        finally:
+            await runner.cleanup()
+
+    return uvloop.run(run())
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    args.listen = args.admin_listen = args.workers = None
+    args.analyzer, args.set = [], []
+    config = config_from_args(args)
+    names = ", ".join(f"{a.name}={a.url}@{a.weight:g}" for a in config.analyzers)
+    print(f"configuration {args.config} is valid: {config.workers} workers, listen {config.listen}, {names}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distributor", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the supervisor and its worker pool")
+    _add_config_flags(serve)
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", metavar="FILE")
+    demo = commands.add_parser("demo", help="4 local analyzers + the distributor + emitter load, live table")
+    from distributor.demo import add_demo_flags
+
+    add_demo_flags(demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check-config":
+            return _check_config(args)
+        from distributor.demo import run_demo
+
+        return run_demo(args)
+    except ConfigError as exc:
+        print(f"distributor: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+

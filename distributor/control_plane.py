@@ -1,0 +1,174 @@
+"""Control plane (aiohttp, in the supervisor): health, readiness, admin views, metrics.
+
+Every figure is read from the shared table when asked for; the data path never
+calls into this module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import psutil
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from distributor.metrics import TableCollector
+from distributor.shared_table import (
+    ACTIVE,
+    COUNTER_NAMES,
+    STATE_NAMES,
+    W_ACCEPTED,
+    W_CONNECTIONS,
+    W_LOOP_LAG,
+    W_PID,
+    W_QUEUED_BYTES,
+    W_QUEUED_PACKETS,
+    W_READY,
+    W_REJECTED_INVALID,
+    W_REJECTED_UNAVAILABLE,
+    W_REQUESTS,
+    W_STARTED,
+    W_STATE,
+)
+
+if TYPE_CHECKING:
+    from distributor.supervisor import Supervisor
+
+WORKER_STATES = {0: "free", 1: "booting", 2: "ready", 3: "stopping"}
+
+
+def analyzers_view(supervisor: "Supervisor") -> list[dict[str, Any]]:
+    """Per analyzer: definition, state, queue depth and counters summed over every worker."""
+    table = supervisor.table
+    _, rows = table.read_analyzers()
+    totals = {name: table.global_counters(index) for index, name in enumerate(COUNTER_NAMES)}
+    active_weight = sum(r.weight for r in rows if r.state == ACTIVE)
+    routed_all = sum(totals["routed_messages"][r.slot] for r in rows)
+    epoch_routed = {r.slot: totals["routed_messages"][r.slot] - r.base_messages for r in rows if r.state == ACTIVE}
+    epoch_all = sum(epoch_routed.values())
+    view = []
+    for row in rows:
+        counters = {name: values[row.slot] for name, values in totals.items()}
+        routed = counters["routed_messages"]
+        view.append({
+            "name": row.name,
+            "url": row.url,
+            "mode": row.mode,
+            "weight": row.weight,
+            "effective_weight": row.weight if row.state == ACTIVE else 0.0,
+            "state": STATE_NAMES[row.state],
+            "target_share": row.weight / active_weight if row.state == ACTIVE and active_weight else 0.0,
+            "share": routed / routed_all if routed_all else 0.0,
+            "epoch_share": epoch_routed.get(row.slot, 0) / epoch_all if epoch_all else 0.0,
+            **counters,
+        })
+    return view
+
+
+class WorkerSampler:
+    """psutil samples of worker processes; keeps Process objects so cpu_percent has a baseline."""
+
+    def __init__(self) -> None:
+        self._processes: dict[int, psutil.Process] = {}
+
+    def sample(self, pid: int) -> dict[str, Any]:
+        process = self._processes.get(pid)
+        try:
+            if process is None:
+                process = self._processes[pid] = psutil.Process(pid)
+                process.cpu_percent(None)
+            with process.oneshot():
+                memory = process.memory_full_info()
+                cpu = process.cpu_times()
+                return {
+                    "rss_bytes": memory.rss,
+                    "uss_bytes": memory.uss,
+                    "cpu_percent": process.cpu_percent(None),
+                    "cpu_seconds": cpu.user + cpu.system,
+                    "open_fds": process.num_fds(),
+                }
+        except psutil.Error:
+            self._processes.pop(pid, None)
+            return {}
+
+
+def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[str, Any]]:
+    table = supervisor.table
+    view = []
+    for handle in supervisor.workers:
+        base = table.worker_base(handle.slot)
+        pid = table.ints[base + W_PID]
+        alive = handle.process is not None and handle.process.pid == pid
+        state = table.ints[base + W_STATE] if alive else 0
+        entry: dict[str, Any] = {
+            "slot": handle.slot,
+            "pid": pid if alive else None,
+            "state": WORKER_STATES.get(state, "unknown"),
+            "uptime_s": time.time() - table.floats[base + W_STARTED] if alive else 0.0,
+            "restarts": handle.restarts,
+            "event_loop_lag_s": table.floats[base + W_LOOP_LAG],
+            "connections": table.ints[base + W_CONNECTIONS],
+            "requests": table.ints[base + W_REQUESTS],
+            "accepted_packets": table.ints[base + W_ACCEPTED],
+            "rejected_invalid": table.ints[base + W_REJECTED_INVALID],
+            "rejected_unavailable": table.ints[base + W_REJECTED_UNAVAILABLE],
+            "queued_packets": table.ints[base + W_QUEUED_PACKETS],
+            "queued_bytes": table.ints[base + W_QUEUED_BYTES],
+        }
+        if alive and state == W_READY:
+            entry.update(sampler.sample(pid))
+        view.append(entry)
+    return view
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def build_app(supervisor: "Supervisor") -> web.Application:
+    sampler = WorkerSampler()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TableCollector(
+        lambda: analyzers_view(supervisor),
+        lambda: workers_view(supervisor, sampler),
+        lambda: supervisor.restarts_total,
+    ))
+
+    async def health(_: web.Request) -> web.Response:
+        return _json({"status": "ok", "pid": os.getpid(), "uptime_s": time.time() - supervisor.started_at})
+
+    async def ready(_: web.Request) -> web.Response:
+        analyzers = [a for a in analyzers_view(supervisor) if a["state"] == "active"]
+        workers = sum(1 for h in supervisor.workers if h.ready and h.process is not None)
+        ok = bool(analyzers) and workers > 0
+        return _json({"ready": ok, "analyzers_available": len(analyzers), "workers_ready": workers},
+                     status=200 if ok else 503)
+
+    async def analyzers(_: web.Request) -> web.Response:
+        return _json({"analyzers": analyzers_view(supervisor)})
+
+    async def workers(_: web.Request) -> web.Response:
+        return _json({"workers": workers_view(supervisor, sampler)})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/analyzers", analyzers)
+    app.router.add_get("/admin/workers", workers)
+    return app
+
+
+async def start_control_plane(supervisor: "Supervisor") -> web.AppRunner:
+    runner = web.AppRunner(build_app(supervisor), access_log=None)
+    await runner.setup()
+    address = supervisor.config.admin_listen
+    await web.TCPSite(runner, address.host, address.port).start()
+    return runner

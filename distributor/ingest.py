@@ -1,0 +1,91 @@
+"""The data-port application: the hot path of the distributor.
+
+read request -> parse with orjson -> validate -> pick analyzer -> enqueue the
+raw bytes -> answer. Everything here is synchronous and allocation-light; the
+counters it bumps are cells of this worker's row in the shared table.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from distributor.config import IngestConfig
+from distributor.contract import ContractError, parse_packet
+from distributor.http11 import Request, Response, json_error
+from distributor.routing import NO_ANALYZER, Router
+from distributor.sender import AnalyzerSender, PacketQueue
+from distributor.shared_table import (
+    C_ROUTED_MESSAGES,
+    C_ROUTED_PACKETS,
+    W_ACCEPTED,
+    W_REJECTED_INVALID,
+    W_REJECTED_UNAVAILABLE,
+    W_REQUESTS,
+    SharedTable,
+)
+
+INGEST_PATH = b"/ingest"
+HEALTH_PATH = b"/healthz"
+_ALLOW_POST = ((b"allow", b"POST"),)
+_ALLOW_GET = ((b"allow", b"GET, HEAD"),)
+_HEALTHY = Response(200, b'{"status":"ok"}')
+
+
+class IngestApp:
+    """HttpApp for ``POST /ingest`` and ``GET /healthz``."""
+
+    def __init__(self, config: IngestConfig, router: Router, table: SharedTable, worker_slot: int) -> None:
+        self._max_messages = config.max_messages_per_packet
+        self._retry_after = config.retry_after
+        self._router = router
+        self._ints = table.ints
+        self._row = table.worker_base(worker_slot)
+        self._counter_base = table.counter_index(worker_slot, 0, 0)
+        self._counter_stride = table.counter_index(worker_slot, 1, 0) - self._counter_base
+        # indexed by analyzer slot; None for slots this worker does not serve
+        self.queues: list[PacketQueue | None] = [None] * table.max_analyzers
+        self.senders: list[AnalyzerSender | None] = [None] * table.max_analyzers
+
+    def preflight(self, method: bytes, path: bytes, content_length: int | None) -> Response | None:
+        if path == INGEST_PATH:
+            if method == b"POST":
+                return None
+            return _with_headers(json_error(405, "method_not_allowed", "use POST /ingest"), _ALLOW_POST)
+        if path == HEALTH_PATH:
+            if method in (b"GET", b"HEAD"):
+                return None
+            return _with_headers(json_error(405, "method_not_allowed", "use GET /healthz"), _ALLOW_GET)
+        return json_error(404, "not_found", f"no route for {path.decode('latin-1')}; packets go to POST /ingest")
+
+    def handle(self, request: Request) -> Response:
+        if request.path == HEALTH_PATH:
+            return _HEALTHY
+        ints, row = self._ints, self._row
+        ints[row + W_REQUESTS] += 1
+        body = request.body
+        try:
+            packet = parse_packet(body, self._max_messages)
+        except ContractError as exc:
+            ints[row + W_REJECTED_INVALID] += 1
+            error = "packet_too_large" if exc.status == 413 else "invalid_packet"
+            payload = {"error": error, "detail": str(exc), "field": exc.field}
+            return Response(exc.status, orjson.dumps(payload))
+        size = len(body)
+        queues = self.queues
+        slot = self._router.choose(packet.messages, lambda s: queues[s].has_room(size))  # type: ignore[union-attr]
+        if slot == NO_ANALYZER:
+            ints[row + W_REJECTED_UNAVAILABLE] += 1
+            return json_error(
+                503, "no_capacity", "no analyzer can take the packet now; retry later", self._retry_after
+            )
+        queues[slot].put(body, packet.messages)  # type: ignore[union-attr]
+        self.senders[slot].notify()  # type: ignore[union-attr]
+        cell = self._counter_base + slot * self._counter_stride
+        ints[cell + C_ROUTED_MESSAGES] += packet.messages
+        ints[cell + C_ROUTED_PACKETS] += 1
+        ints[row + W_ACCEPTED] += 1
+        return Response(202, orjson.dumps({"status": "accepted", "packet_id": packet.packet_id}))
+
+
+def _with_headers(response: Response, headers: tuple[tuple[bytes, bytes], ...]) -> Response:
+    return response._replace(headers=response.headers + headers)

@@ -1,0 +1,91 @@
+"""Prometheus export built at scrape time from the shared table.
+
+Nothing on the data path touches prometheus-client: workers bump plain
+integers in their rows, and this collector turns the sums into metric families
+when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+View = Callable[[], list[dict[str, Any]]]
+
+MESSAGE_OUTCOMES = {
+    "routed": "routed_messages",
+    "delivered": "delivered_messages",
+    "rejected": "rejected_messages",
+    "dropped_shutdown": "shutdown_dropped_messages",
+    "lost_worker_crash": "lost_messages",
+}
+PACKET_OUTCOMES = {
+    "accepted": "accepted_packets",
+    "invalid": "rejected_invalid",
+    "unavailable": "rejected_unavailable",
+}
+
+
+class TableCollector(Collector):
+    """Reads the admin views (analyzers, workers) and the restart count at scrape time."""
+
+    def __init__(self, analyzers: View, workers: View, restarts: Callable[[], int]) -> None:
+        self._analyzers = analyzers
+        self._workers = workers
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[Metric]:
+        analyzers = self._analyzers()
+        workers = self._workers()
+
+        packets = CounterMetricFamily("distributor_packets", "Ingest packets by outcome", labels=["outcome"])
+        for outcome, key in PACKET_OUTCOMES.items():
+            packets.add_metric([outcome], sum(w[key] for w in workers))
+        yield packets
+
+        messages = CounterMetricFamily(
+            "distributor_messages", "Messages per analyzer by outcome", labels=["analyzer", "outcome"]
+        )
+        analyzer_packets = CounterMetricFamily(
+            "distributor_analyzer_packets", "Packets per analyzer by outcome", labels=["analyzer", "outcome"]
+        )
+        failed = CounterMetricFamily(
+            "distributor_send_failures", "Failed send attempts (retried) per analyzer", labels=["analyzer"]
+        )
+        depth = GaugeMetricFamily("distributor_queue_depth", "Queued + in-flight packets", labels=["analyzer"])
+        depth_bytes = GaugeMetricFamily("distributor_queue_bytes", "Queued + in-flight bytes", labels=["analyzer"])
+        weight = GaugeMetricFamily("distributor_analyzer_weight", "Configured weight", labels=["analyzer"])
+        target = GaugeMetricFamily("distributor_analyzer_target_share", "Target message share", labels=["analyzer"])
+        share = GaugeMetricFamily("distributor_analyzer_share", "Actual message share", labels=["analyzer"])
+        for a in analyzers:
+            name = a["name"]
+            for outcome, key in MESSAGE_OUTCOMES.items():
+                messages.add_metric([name, outcome], a[key])
+            for outcome in ("routed", "delivered", "rejected"):
+                analyzer_packets.add_metric([name, outcome], a[f"{outcome}_packets"])
+            failed.add_metric([name], a["failed_attempts"])
+            depth.add_metric([name], a["queue_packets"])
+            depth_bytes.add_metric([name], a["queue_bytes"])
+            weight.add_metric([name], a["weight"])
+            target.add_metric([name], a["target_share"])
+            share.add_metric([name], a["share"])
+        yield from (messages, analyzer_packets, failed, depth, depth_bytes, weight, target, share)
+
+        memory = GaugeMetricFamily("distributor_worker_memory_bytes", "Worker memory", labels=["worker", "kind"])
+        cpu = CounterMetricFamily("distributor_worker_cpu_seconds", "Worker CPU time", labels=["worker"])
+        lag = GaugeMetricFamily("distributor_event_loop_lag_seconds", "Worker event-loop lag", labels=["worker"])
+        connections = GaugeMetricFamily("distributor_worker_connections", "Open ingest connections", labels=["worker"])
+        for w in workers:
+            slot = str(w["slot"])
+            lag.add_metric([slot], w["event_loop_lag_s"])
+            connections.add_metric([slot], w["connections"])
+            if "rss_bytes" in w:
+                memory.add_metric([slot, "rss"], w["rss_bytes"])
+                memory.add_metric([slot, "uss"], w["uss_bytes"])
+                cpu.add_metric([slot], w["cpu_seconds"])
+        yield from (memory, cpu, lag, connections)
+        restarts = CounterMetricFamily("distributor_worker_restarts", "Worker processes respawned")
+        restarts.add_metric([], self._restarts())
+        yield restarts

@@ -1,0 +1,102 @@
+"""Message-weighted routing of whole packets.
+
+The scheme is NGINX's smooth weighted round-robin generalised from requests to
+messages. With normalised weights ``w_i`` and ``R_i`` messages routed to
+analyzer ``i`` in the current epoch (``T = sum R``), a packet of ``n`` messages
+goes to the analyzer with room that is furthest behind its exact share once the
+packet is counted::
+
+    argmax_i  w_i * (T + n) - R_i
+
+Error bound (with every analyzer eligible): no analyzer ever runs ahead of its
+exact share ``w_i * T`` by ``n_max`` (the largest packet) or more. The deficits
+sum to zero, so the one furthest behind trails by at most the others' excess;
+in property tests (tests/test_routing.py) that stays within about one ``n_max``.
+A full queue only narrows the candidates: the packet spills to the next best
+analyzer with room.
+
+Epochs: whenever the analyzer set or a weight changes, the supervisor records
+every analyzer's global routed total as its baseline, so the split follows the
+new weights from that moment on, with no catch-up burst toward an analyzer that
+was missing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from distributor.shared_table import ACTIVE, C_ROUTED_MESSAGES, AnalyzerRow, SharedTable
+
+NO_ANALYZER = -1
+
+
+def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_room: Callable[[int], bool]) -> int:
+    """Index of the analyzer that should take ``messages``; NO_ANALYZER if none has room.
+
+    ``weights`` must be normalised (sum 1) over the candidates.
+    """
+    total = messages
+    for value in routed:
+        total += value
+    best = NO_ANALYZER
+    best_score = 0.0
+    for index, weight in enumerate(weights):
+        score = weight * total - routed[index]
+        if (best == NO_ANALYZER or score > best_score) and has_room(index):
+            best, best_score = index, score
+    return best
+
+
+class Router:
+    """One worker's view of the global split.
+
+    Routed totals are global: this worker's own counters (exact, read from its
+    row) plus every other worker's, summed from the shared table at most every
+    ``refresh_interval`` seconds, so the split holds even when workers see very
+    different traffic.
+    """
+
+    def __init__(self, table: SharedTable, worker_slot: int, refresh_interval: float) -> None:
+        self._table = table
+        self._ints = table.ints
+        self._worker = worker_slot
+        self._refresh_interval = refresh_interval
+        self._next_refresh = 0.0
+        self.slots: list[int] = []
+        self._weights: list[float] = []
+        self._base: list[int] = []
+        self._own: list[int] = []
+        self._others: list[int] = []
+
+    def set_analyzers(self, rows: Sequence[AnalyzerRow]) -> None:
+        """Adopt a new analyzer set / epoch (rows from SharedTable.read_analyzers)."""
+        active = [row for row in rows if row.state == ACTIVE]
+        total_weight = sum(row.weight for row in active)
+        self.slots = [row.slot for row in active]
+        self._weights = [row.weight / total_weight for row in active]
+        self._base = [row.base_messages for row in active]
+        self._own = [self._table.counter_index(self._worker, row.slot, C_ROUTED_MESSAGES) for row in active]
+        self._next_refresh = 0.0
+
+    def refresh(self) -> None:
+        totals = self._table.global_counters(C_ROUTED_MESSAGES, exclude_worker=self._worker)
+        self._others = [totals[slot] for slot in self.slots]
+        self._next_refresh = time.monotonic() + self._refresh_interval
+
+    def choose(self, messages: int, has_room: Callable[[int], bool]) -> int:
+        """Analyzer slot for a packet of ``messages``, or NO_ANALYZER.
+
+        ``has_room`` is asked with an analyzer *slot*.
+        """
+        if time.monotonic() >= self._next_refresh:
+            self.refresh()
+        ints = self._ints
+        routed = [o + ints[i] - b for o, i, b in zip(self._others, self._own, self._base)]
+        slots = self.slots
+        index = pick(routed, self._weights, messages, lambda i: has_room(slots[i]))
+        return NO_ANALYZER if index == NO_ANALYZER else slots[index]
+
+    def weights(self) -> dict[int, float]:
+        """Normalised weight per eligible analyzer slot (the target split)."""
+        return dict(zip(self.slots, self._weights))

@@ -1,0 +1,302 @@
+"""Shared-memory table: analyzer definitions, routing epochs and per-worker counters.
+
+Layout (every cell is 8 bytes, viewed both as int64 and float64):
+
+* header: magic, layout version, sizes, the analyzer-set generation (a seqlock:
+  odd while the supervisor rewrites analyzer rows), the supervisor pid;
+* one row per analyzer slot, written by the supervisor only: state, weight,
+  mode, epoch baseline of routed messages, name and URL;
+* one row per worker slot, written by that worker only: pid, heartbeat, loop
+  lag, ingest counters, and per analyzer slot its routed / delivered / dropped
+  counters and queue depth.
+
+One writer per cell means no locks on the hot path: a reader may see one
+counter a few packets old, never a torn 8-byte value.
+
+The segment lives in /dev/shm under a name that embeds the supervisor pid. We
+map the file directly instead of using ``multiprocessing.shared_memory``, whose
+``resource_tracker`` (Python < 3.13) unlinks a segment when *any* attached
+process exits; the supervisor alone creates and unlinks, and removes segments
+left behind by a supervisor that no longer exists.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SHM_DIR = Path("/dev/shm")
+NAME_PREFIX = "log-distributor-"
+MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
+LAYOUT_VERSION = 1
+
+# header cells
+H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED = range(7)
+HEADER_CELLS = 16
+
+# analyzer row cells
+A_STATE, A_WEIGHT, A_MODE, A_BASE_MESSAGES, A_NAME_LEN, A_URL_LEN = range(6)
+A_NAME = 8
+NAME_CELLS = 8  # 64 bytes
+A_URL = A_NAME + NAME_CELLS
+URL_CELLS = 32  # 256 bytes
+ANALYZER_CELLS = A_URL + URL_CELLS
+
+# analyzer states
+EMPTY, ACTIVE, REMOVED = 0, 1, 2
+STATE_NAMES = {EMPTY: "empty", ACTIVE: "active", REMOVED: "removed"}
+MODE_CODES = {"batch": 0, "packet": 1}
+MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
+
+# worker row cells (worker-level)
+(
+    W_PID,
+    W_STATE,
+    W_STARTED,
+    W_HEARTBEAT,
+    W_LOOP_LAG,
+    W_REQUESTS,
+    W_ACCEPTED,
+    W_REJECTED_INVALID,
+    W_REJECTED_UNAVAILABLE,
+    W_CONNECTIONS,
+    W_QUEUED_PACKETS,
+    W_QUEUED_BYTES,
+) = range(12)
+WORKER_HEAD_CELLS = 16
+# worker states
+W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3
+
+# per-analyzer counters inside a worker row
+(
+    C_ROUTED_MESSAGES,
+    C_ROUTED_PACKETS,
+    C_DELIVERED_MESSAGES,
+    C_DELIVERED_PACKETS,
+    C_FAILED_ATTEMPTS,
+    C_REJECTED_MESSAGES,
+    C_REJECTED_PACKETS,
+    C_SHUTDOWN_DROPPED_MESSAGES,
+    C_SHUTDOWN_DROPPED_PACKETS,
+    C_QUEUE_PACKETS,
+    C_QUEUE_BYTES,
+    C_QUEUE_MESSAGES,
+    C_LOST_PACKETS,
+    C_LOST_MESSAGES,
+) = range(14)
+COUNTER_CELLS = 14
+COUNTER_NAMES = (
+    "routed_messages",
+    "routed_packets",
+    "delivered_messages",
+    "delivered_packets",
+    "failed_attempts",
+    "rejected_messages",
+    "rejected_packets",
+    "shutdown_dropped_messages",
+    "shutdown_dropped_packets",
+    "queue_packets",
+    "queue_bytes",
+    "queue_messages",
+    "lost_packets",
+    "lost_messages",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzerRow:
+    slot: int
+    name: str
+    url: str
+    weight: float
+    mode: str
+    state: int
+    base_messages: int
+
+
+class SharedTable:
+    """A mapped table; ``create`` in the supervisor, ``attach`` in workers."""
+
+    def __init__(self, path: Path, mm: mmap.mmap, owner: bool) -> None:
+        self.path = path
+        self._mm = mm
+        self.owner = owner
+        self.ints = memoryview(mm).cast("q")
+        self.floats = memoryview(mm).cast("d")
+        if self.ints[H_MAGIC] != MAGIC or self.ints[H_VERSION] != LAYOUT_VERSION:
+            raise RuntimeError(f"{path}: not a log-distributor table of layout {LAYOUT_VERSION}")
+        self.max_analyzers = self.ints[H_MAX_ANALYZERS]
+        self.max_workers = self.ints[H_MAX_WORKERS]
+        self.worker_cells = WORKER_HEAD_CELLS + self.max_analyzers * COUNTER_CELLS
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, max_workers: int, max_analyzers: int = 64) -> "SharedTable":
+        remove_stale_segments()
+        path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        cells = HEADER_CELLS + max_analyzers * ANALYZER_CELLS + max_workers * (
+            WORKER_HEAD_CELLS + max_analyzers * COUNTER_CELLS
+        )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, cells * 8)
+            mm = mmap.mmap(fd, cells * 8)
+        finally:
+            os.close(fd)
+        header = memoryview(mm).cast("q")
+        header[H_MAGIC] = MAGIC
+        header[H_VERSION] = LAYOUT_VERSION
+        header[H_MAX_ANALYZERS] = max_analyzers
+        header[H_MAX_WORKERS] = max_workers
+        header[H_SUPERVISOR_PID] = os.getpid()
+        header[H_CREATED] = int(time.time())
+        header.release()
+        return cls(path, mm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "SharedTable":
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        return cls(path, mm, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def close(self) -> None:
+        self.ints.release()
+        self.floats.release()
+        self._mm.close()
+        if self.owner:
+            self.path.unlink(missing_ok=True)
+
+    # --- analyzer rows (supervisor writes) -----------------------------------------------------
+
+    def _arow(self, slot: int) -> int:
+        return HEADER_CELLS + slot * ANALYZER_CELLS
+
+    @property
+    def generation(self) -> int:
+        return self.ints[H_GENERATION]
+
+    def begin_update(self) -> None:
+        """Seqlock: an odd generation tells readers the analyzer rows are being rewritten."""
+        self.ints[H_GENERATION] += 1
+
+    def end_update(self) -> None:
+        self.ints[H_GENERATION] += 1
+
+    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str, state: int) -> None:
+        base = self._arow(slot)
+        name_b, url_b = name.encode(), url.encode()
+        if len(name_b) > NAME_CELLS * 8 or len(url_b) > URL_CELLS * 8:
+            raise ValueError(f"analyzer {name!r}: name or url too long for the shared table")
+        self.ints[base + A_STATE] = state
+        self.floats[base + A_WEIGHT] = weight
+        self.ints[base + A_MODE] = MODE_CODES[mode]
+        self.ints[base + A_NAME_LEN] = len(name_b)
+        self.ints[base + A_URL_LEN] = len(url_b)
+        start = base * 8
+        self._mm[start + A_NAME * 8 : start + A_NAME * 8 + len(name_b)] = name_b
+        self._mm[start + A_URL * 8 : start + A_URL * 8 + len(url_b)] = url_b
+
+    def set_analyzer_state(self, slot: int, state: int) -> None:
+        self.ints[self._arow(slot) + A_STATE] = state
+
+    def set_weight(self, slot: int, weight: float) -> None:
+        self.floats[self._arow(slot) + A_WEIGHT] = weight
+
+    def start_epoch(self) -> None:
+        """Rebase routing: from now on every analyzer starts from equal footing.
+
+        Called (inside begin/end_update) whenever weights or the analyzer set change, so the
+        split follows the new weights from that moment with no catch-up burst.
+        """
+        totals = self.global_counters(C_ROUTED_MESSAGES)
+        for slot in range(self.max_analyzers):
+            self.ints[self._arow(slot) + A_BASE_MESSAGES] = totals[slot]
+
+    def read_analyzers(self) -> tuple[int, list[AnalyzerRow]]:
+        """Consistent snapshot of the analyzer rows (retries while the supervisor writes)."""
+        while True:
+            before = self.ints[H_GENERATION]
+            if before % 2 == 0:
+                rows = [row for slot in range(self.max_analyzers) if (row := self._read_row(slot))]
+                if self.ints[H_GENERATION] == before:
+                    return before, rows
+            time.sleep(0.0005)
+
+    def _read_row(self, slot: int) -> AnalyzerRow | None:
+        base = self._arow(slot)
+        state = self.ints[base + A_STATE]
+        if state == EMPTY:
+            return None
+        start = base * 8
+        name_len, url_len = self.ints[base + A_NAME_LEN], self.ints[base + A_URL_LEN]
+        return AnalyzerRow(
+            slot=slot,
+            name=bytes(self._mm[start + A_NAME * 8 : start + A_NAME * 8 + name_len]).decode(),
+            url=bytes(self._mm[start + A_URL * 8 : start + A_URL * 8 + url_len]).decode(),
+            weight=self.floats[base + A_WEIGHT],
+            mode=MODE_NAMES[self.ints[base + A_MODE]],
+            state=state,
+            base_messages=self.ints[base + A_BASE_MESSAGES],
+        )
+
+    # --- worker rows (each worker writes its own) ---------------------------------------------
+
+    def worker_base(self, slot: int) -> int:
+        """Index of a worker row's first cell; counters of analyzer a start at base+16+a*10."""
+        return HEADER_CELLS + self.max_analyzers * ANALYZER_CELLS + slot * self.worker_cells
+
+    def counter_index(self, worker: int, analyzer: int, counter: int) -> int:
+        return self.worker_base(worker) + WORKER_HEAD_CELLS + analyzer * COUNTER_CELLS + counter
+
+    def worker_value(self, worker: int, cell: int) -> int:
+        return self.ints[self.worker_base(worker) + cell]
+
+    def global_counters(self, counter: int, exclude_worker: int = -1) -> list[int]:
+        """Per analyzer slot, ``counter`` summed over worker rows (optionally all but one)."""
+        ints = self.ints
+        totals = [0] * self.max_analyzers
+        for worker in range(self.max_workers):
+            if worker == exclude_worker:
+                continue
+            start = self.worker_base(worker) + WORKER_HEAD_CELLS + counter
+            column = ints[start : start + self.max_analyzers * COUNTER_CELLS : COUNTER_CELLS]
+            totals = [a + b for a, b in zip(totals, column)]
+        return totals
+
+    def worker_slots(self) -> Iterator[int]:
+        return iter(range(self.max_workers))
+
+
+def remove_stale_segments() -> list[Path]:
+    """Unlink segments whose supervisor pid is gone (left by a crash or SIGKILL)."""
+    removed = []
+    for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
+        pid_text = path.name[len(NAME_PREFIX):].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

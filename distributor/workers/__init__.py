@@ -1,0 +1,1 @@
+"""Worker kinds started by the supervisor; one module per kind."""

@@ -1,0 +1,201 @@
+"""The ingest worker process: one uvloop event loop serving the shared data port.
+
+Started by the supervisor as ``python -m distributor.workers.ingest_worker
+--slot N --table NAME`` with the resolved configuration as JSON in the
+environment. It binds the data port itself with SO_REUSEPORT (the kernel
+spreads connections across workers), reads analyzer definitions and routing
+epochs from the shared table, and writes only its own row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import aiohttp
+import orjson
+import uvloop
+
+from distributor.config import Config, from_dict
+from distributor.http11 import HttpLimits, HttpServer, HttpStats
+from distributor.ingest import IngestApp
+from distributor.routing import Router
+from distributor.sender import AnalyzerSender, PacketQueue
+from distributor.shared_table import (
+    ACTIVE,
+    C_LOST_MESSAGES,
+    C_LOST_PACKETS,
+    C_QUEUE_BYTES,
+    C_QUEUE_MESSAGES,
+    C_QUEUE_PACKETS,
+    W_BOOTING,
+    W_CONNECTIONS,
+    W_HEARTBEAT,
+    W_LOOP_LAG,
+    W_PID,
+    W_QUEUED_BYTES,
+    W_QUEUED_PACKETS,
+    W_READY,
+    W_STARTED,
+    W_STATE,
+    W_STOPPING,
+    SharedTable,
+)
+
+CONFIG_ENV = "DISTRIBUTOR_WORKER_CONFIG"
+HEARTBEAT_INTERVAL = 0.25
+BOOT_ERROR_EXIT = 3
+log = logging.getLogger("distributor.worker")
+
+
+def bind_reuseport(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A listening socket on the data port that every worker can bind (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class IngestWorker:
+    def __init__(self, config: Config, slot: int, table: SharedTable) -> None:
+        self.config = config
+        self.slot = slot
+        self.table = table
+        self.ints = table.ints
+        self.floats = table.floats
+        self.row = table.worker_base(slot)
+        self.router = Router(table, slot, config.routing_refresh_interval)
+        self.app = IngestApp(config.ingest, self.router, table, slot)
+        self.http_stats = HttpStats()
+        self.generation = -1
+        self.parent = os.getppid()
+        self.stop = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+
+    def account_lost_predecessor(self) -> None:
+        """Packets left in this slot's queues by a worker that died are counted as lost, not forgotten."""
+        for analyzer in range(self.table.max_analyzers):
+            cell = self.table.counter_index(self.slot, analyzer, 0)
+            packets = self.ints[cell + C_QUEUE_PACKETS]
+            if packets:
+                messages = self.ints[cell + C_QUEUE_MESSAGES]
+                self.ints[cell + C_LOST_PACKETS] += packets
+                self.ints[cell + C_LOST_MESSAGES] += messages
+                log.error("worker %d: %d packets (%d messages) were lost with the previous worker",
+                          self.slot, packets, messages)
+            for queue_cell in (C_QUEUE_PACKETS, C_QUEUE_BYTES, C_QUEUE_MESSAGES):
+                self.ints[cell + queue_cell] = 0
+
+    def apply_analyzers(self) -> None:
+        """Adopt the table's analyzer set and epoch; new analyzers get a queue and a sender."""
+        generation, rows = self.table.read_analyzers()
+        assert self.session is not None
+        for row in rows:
+            if row.state == ACTIVE and self.app.queues[row.slot] is None:
+                cell = self.table.counter_index(self.slot, row.slot, 0)
+                queue = PacketQueue(self.config.queue.max_packets, self.config.queue.max_bytes, self.ints, cell)
+                sender = AnalyzerSender(
+                    row.name, row.url, row.mode, queue, self.config.sender, self.session, self.ints, cell
+                )
+                sender.start()
+                self.app.queues[row.slot] = queue
+                self.app.senders[row.slot] = sender
+        self.router.set_analyzers(rows)
+        self.generation = generation
+
+    async def heartbeat(self) -> None:
+        """Stamp liveness from the loop itself, measure loop lag, follow table changes."""
+        loop = asyncio.get_running_loop()
+        ints, floats, row = self.ints, self.floats, self.row
+        while not self.stop.is_set():
+            expected = loop.time() + HEARTBEAT_INTERVAL
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            floats[row + W_LOOP_LAG] = max(0.0, loop.time() - expected)
+            floats[row + W_HEARTBEAT] = time.monotonic()
+            ints[row + W_CONNECTIONS] = self.http_stats.connections_open
+            queues = [q for q in self.app.queues if q is not None]
+            ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
+            ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
+            if self.table.generation != self.generation:
+                self.apply_analyzers()
+            if os.getppid() != self.parent:
+                log.error("worker %d: supervisor is gone; shutting down", self.slot)
+                self.stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+        ints, floats, row = self.ints, self.floats, self.row
+        ints[row + W_PID] = os.getpid()
+        ints[row + W_STATE] = W_BOOTING
+        floats[row + W_STARTED] = time.time()
+        floats[row + W_HEARTBEAT] = time.monotonic()
+        self.account_lost_predecessor()
+        sender_config = self.config.sender
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=sender_config.max_inflight),
+            timeout=aiohttp.ClientTimeout(
+                total=sender_config.request_timeout, sock_connect=sender_config.connect_timeout
+            ),
+            skip_auto_headers=("User-Agent",),
+        )
+        self.apply_analyzers()
+        ingest = self.config.ingest
+        limits = HttpLimits(
+            max_body_bytes=ingest.max_body_bytes,
+            max_header_bytes=ingest.max_header_bytes,
+            header_timeout=ingest.header_timeout,
+            body_timeout=ingest.body_timeout,
+            idle_timeout=ingest.idle_timeout,
+            max_connections=ingest.max_connections,
+        )
+        server = HttpServer(self.app, limits, self.http_stats)
+        try:
+            sock = bind_reuseport(self.config.listen.host, self.config.listen.port)
+        except OSError as exc:
+            log.error("worker %d: cannot bind %s: %s", self.slot, self.config.listen, exc.strerror)
+            await self.session.close()
+            return BOOT_ERROR_EXIT
+        await server.start(sock)
+        ints[row + W_STATE] = W_READY
+        heartbeat = asyncio.create_task(self.heartbeat())
+        await self.stop.wait()
+        ints[row + W_STATE] = W_STOPPING
+        deadline = loop.time() + self.config.graceful_timeout
+        await server.shutdown(timeout=self.config.graceful_timeout / 2)
+        senders = [s for s in self.app.senders if s is not None]
+        await asyncio.gather(*(s.drain(max(0.0, deadline - loop.time())) for s in senders))
+        heartbeat.cancel()
+        await self.session.close()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distributor-worker")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--table", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.slot}] %(levelname)s %(message)s")
+    config = from_dict(orjson.loads(os.environ[CONFIG_ENV]))
+    table = SharedTable.attach(args.table)
+    worker = IngestWorker(config, args.slot, table)
+    try:
+        return uvloop.run(worker.run())
+    finally:
+        del worker
+        table.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the demo: 4 local analyzers (weights 0.4/0.3/0.2/0.1), the distributor
+# and a built-in emitter load of skewed packets, with a live table; stops everything it started.
+# Extra flags go to the demo, e.g. ./run.sh --duration 60 --workers 2 --rate 0
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
+exec .venv/bin/distributor demo "$@"

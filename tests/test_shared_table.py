@@ -1,0 +1,89 @@
+"""The shared-memory table: layout, seqlock snapshots, epochs, leak-free lifecycle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from distributor.routing import Router
+from distributor.shared_table import (
+    ACTIVE,
+    C_ROUTED_MESSAGES,
+    NAME_PREFIX,
+    REMOVED,
+    SHM_DIR,
+    SharedTable,
+    remove_stale_segments,
+)
+
+
+def test_create_attach_and_unlink() -> None:
+    table = SharedTable.create(max_workers=2, max_analyzers=4)
+    try:
+        table.begin_update()
+        table.write_analyzer(0, "a1", "http://127.0.0.1:9001", 0.4, "batch", ACTIVE)
+        table.write_analyzer(1, "a2", "http://127.0.0.1:9002", 0.6, "packet", ACTIVE)
+        table.end_update()
+        other = SharedTable.attach(table.name)
+        generation, rows = other.read_analyzers()
+        assert generation == 2
+        assert [(r.name, r.url, r.weight, r.mode) for r in rows] == [
+            ("a1", "http://127.0.0.1:9001", 0.4, "batch"), ("a2", "http://127.0.0.1:9002", 0.6, "packet")]
+        other.ints[other.counter_index(1, 1, C_ROUTED_MESSAGES)] += 7
+        assert table.global_counters(C_ROUTED_MESSAGES)[:2] == [0, 7]
+        assert table.global_counters(C_ROUTED_MESSAGES, exclude_worker=1)[:2] == [0, 0]
+        other.close()
+        assert table.path.exists(), "a worker closing its mapping must not unlink the segment"
+    finally:
+        table.close()
+    assert not table.path.exists()
+
+
+def test_epoch_rebases_routing_without_catch_up() -> None:
+    """An analyzer added late gets its weight's share from then on, not a burst to catch up."""
+    table = SharedTable.create(max_workers=1, max_analyzers=4)
+    try:
+        table.begin_update()
+        table.write_analyzer(0, "a1", "http://127.0.0.1:1", 1.0, "batch", ACTIVE)
+        table.start_epoch()
+        table.end_update()
+        router = Router(table, 0, refresh_interval=0.001)
+        router.set_analyzers(table.read_analyzers()[1])
+        cell = table.counter_index(0, 0, C_ROUTED_MESSAGES)
+        table.ints[cell] += 10_000  # a1 took everything so far
+        table.begin_update()
+        table.write_analyzer(1, "a2", "http://127.0.0.1:2", 1.0, "batch", ACTIVE)
+        table.start_epoch()
+        table.end_update()
+        router.set_analyzers(table.read_analyzers()[1])
+        picks = []
+        for _ in range(100):
+            slot = router.choose(10, lambda s: True)
+            table.ints[table.counter_index(0, slot, C_ROUTED_MESSAGES)] += 10
+            picks.append(slot)
+        assert picks.count(0) == 50 and picks.count(1) == 50
+        assert set(picks[:4]) == {0, 1}, "the newcomer must not take a catch-up run"
+        table.begin_update()
+        table.set_analyzer_state(0, REMOVED)
+        table.start_epoch()
+        table.end_update()
+        router.set_analyzers(table.read_analyzers()[1])
+        assert router.choose(10, lambda s: True) == 1
+    finally:
+        table.close()
+
+
+def test_stale_segment_of_dead_supervisor_is_removed() -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = SHM_DIR / f"{NAME_PREFIX}{int(dead.stdout)}-deadbeef"
+    stale.write_bytes(b"\0" * 64)
+    live = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-cafef00d"
+    live.write_bytes(b"\0" * 64)
+    try:
+        removed = remove_stale_segments()
+        assert stale in removed and not stale.exists()
+        assert live.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
