@@ -1,0 +1,349 @@
+"""Analyzer HTTP service (aiohttp on uvloop) and its CLI.
+
+Endpoints:
+  POST /ingest         one JSON packet
+  POST /ingest/batch   NDJSON packets, optional ``X-Packet-Count`` header
+  GET  /health         liveness + inflight/queue depth/latency (stallable)
+  GET  /stats          counters; GET /stats/packets: keys in the dedup window
+  GET|POST /control    runtime fault injection (delay_ms, error_rate, stall)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from analyzer.faults import ControlError, FaultState, Slots
+from analyzer.stats import DedupWindow, LatencyRing, Stats
+
+log = logging.getLogger("analyzer")
+
+MAX_BODY = 64 * 1024 * 1024
+DEFAULT_CONCURRENCY = 64
+DEFAULT_DEDUP_WINDOW = 2_000_000
+SHUTDOWN_TIMEOUT_S = 5.0
+
+Packet = tuple[str, str, list[Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str = "analyzer"
+    delay_ms: float = 0.0
+    error_rate: float = 0.0
+    stall: bool = False
+    concurrency: int = DEFAULT_CONCURRENCY
+    dedup_window: int = DEFAULT_DEDUP_WINDOW
+
+
+class State:
+    """Everything a handler needs; one instance per app."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.name = config.name
+        self.stats = Stats(window=DedupWindow(config.dedup_window))
+        self.faults = FaultState(config.delay_ms, config.error_rate, config.stall)
+        self.slots = Slots(config.concurrency)
+        self.latency = LatencyRing(1024)
+        self.started = time.monotonic()
+
+
+STATE: web.AppKey[State] = web.AppKey("analyzer_state", State)
+
+
+class BadRequest(Exception):
+    """Client error on an ingest endpoint; answered 400 and counted as rejected."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """orjson-encoded response; the stdlib encoder is a hotspot under load."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's text 404/405/413 into the project's JSON error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        detail = f"{request.method} {request.path}: {exc.text or exc.reason}"
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), detail, keep)
+
+
+# ----------------------------------------------------------------- validation
+
+
+def validate_packet(obj: Any, where: str) -> Packet:
+    """Check the minimum the analyzer relies on; the distributor did the rest."""
+    if not isinstance(obj, dict):
+        raise BadRequest("invalid_packet", f"{where}: packet must be a JSON object")
+    emitter_id = obj.get("emitter_id")
+    packet_id = obj.get("packet_id")
+    messages = obj.get("messages")
+    if not isinstance(emitter_id, str):
+        raise BadRequest("invalid_packet", f"{where}: emitter_id must be a string")
+    if not isinstance(packet_id, str):
+        raise BadRequest("invalid_packet", f"{where}: packet_id must be a string")
+    if not isinstance(messages, list):
+        raise BadRequest("invalid_packet", f"{where}: messages must be a list")
+    return emitter_id, packet_id, messages
+
+
+def parse_single(body: bytes) -> list[Packet]:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest("invalid_json", f"body: {exc}") from None
+    return [validate_packet(obj, "body")]
+
+
+def parse_batch(body: bytes, declared: str | None) -> list[Packet]:
+    """Parse every NDJSON line before anything is counted (all-or-nothing)."""
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if declared is not None:
+        try:
+            expected = int(declared)
+        except ValueError:
+            raise BadRequest("invalid_header", f"X-Packet-Count is not an integer: {declared!r}") from None
+        if expected != len(lines):
+            raise BadRequest(
+                "packet_count_mismatch",
+                f"X-Packet-Count says {expected}, body has {len(lines)} non-empty lines",
+            )
+    packets: list[Packet] = []
+    for i, line in enumerate(lines, 1):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest("invalid_json", f"line {i}: {exc}") from None
+        packets.append(validate_packet(obj, f"line {i}"))
+    return packets
+
+
+# ------------------------------------------------------------------- handlers
+
+
+async def _ingest(request: web.Request, batch: bool) -> web.Response:
+    """Shared ingest path: stall -> slot -> delay -> fault -> validate -> count."""
+    state = request.app[STATE]
+    start = time.monotonic()
+    stats = state.stats
+    stats.requests += 1
+    if batch:
+        stats.batches += 1
+    try:
+        await state.faults.wait_unstalled()
+        if state.faults.closing:
+            return error_response(503, "shutting_down", f"analyzer {state.name} is stopping")
+        async with state.slots.hold():
+            delay = state.faults.delay_ms
+            if delay > 0:
+                await asyncio.sleep(delay / 1000.0)
+            body = await request.read()
+            stats.bytes_received += len(body)
+            if state.faults.should_fail():
+                stats.injected_errors += 1
+                return error_response(500, "injected", f"analyzer {state.name}: injected failure")
+            try:
+                if batch:
+                    packets = parse_batch(body, request.headers.get("X-Packet-Count"))
+                else:
+                    packets = parse_single(body)
+            except BadRequest as exc:
+                stats.rejected_requests += 1
+                return error_response(400, exc.error, exc.detail)
+            accepted, dups = stats.ingest(packets)
+            return json_response({"accepted": accepted, "duplicates": dups})
+    finally:
+        state.latency.record(time.monotonic() - start)
+
+
+async def ingest(request: web.Request) -> web.Response:
+    return await _ingest(request, batch=False)
+
+
+async def ingest_batch(request: web.Request) -> web.Response:
+    return await _ingest(request, batch=True)
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    await state.faults.wait_unstalled()
+    return json_response(
+        {
+            "status": "stopping" if state.faults.closing else "ok",
+            "name": state.name,
+            "inflight": state.slots.inflight,
+            "queue_depth": state.slots.waiting,
+            "stalled": state.faults.stalled_waiters,
+            "latency_ms": state.latency.percentiles_ms(),
+            "uptime_s": round(time.monotonic() - state.started, 3),
+        }
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response(state.stats.snapshot(state.name))
+
+
+async def stats_packets(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response({"packets": state.stats.window.keys()})
+
+
+async def control_get(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].faults.snapshot())
+
+
+async def control_post(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await request.read()
+    try:
+        update = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        return error_response(400, "invalid_json", str(exc))
+    try:
+        new_state = state.faults.apply(update)
+    except ControlError as exc:
+        return error_response(400, "invalid_control", str(exc))
+    log.info("analyzer %s control -> %s", state.name, new_state)
+    return json_response(new_state)
+
+
+def create_app(config: Config | None = None) -> web.Application:
+    """Build the app; importable so callers can run it in-process too."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app[STATE] = State(config or Config())
+    app.router.add_post("/ingest", ingest)
+    app.router.add_post("/ingest/batch", ingest_batch)
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/stats/packets", stats_packets)
+    app.router.add_get("/control", control_get)
+    app.router.add_post("/control", control_post)
+    return app
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")  # allow [::1]:9001
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port in {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range in {value!r}")
+    return host, port
+
+
+def _bounded(kind: type[int] | type[float], lo: float, hi: float | None = None) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+        if value != value or value < lo or (hi is not None and value > hi):
+            rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rng}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="analyzer", description="Log analyzer sink for the distributor.")
+    p.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT", help="address to bind")
+    p.add_argument("--name", default="analyzer", help="name reported in /health and /stats")
+    p.add_argument("--delay-ms", type=_bounded(float, 0.0), default=0.0, help="processing delay per request")
+    p.add_argument("--error-rate", type=_bounded(float, 0.0, 1.0), default=0.0, help="fraction answered 500")
+    p.add_argument("--stall", action="store_true", help="start stalled (ingest and /health never answer)")
+    p.add_argument("--concurrency", type=_bounded(int, 1), default=DEFAULT_CONCURRENCY, help="processing slots")
+    p.add_argument(
+        "--dedup-window", type=_bounded(int, 1), default=DEFAULT_DEDUP_WINDOW, help="packet keys remembered"
+    )
+    return p
+
+
+async def serve(host: str, port: int, config: Config) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight requests and return."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    addresses = runner.addresses  # reports the real port when --listen used port 0
+    actual = int(addresses[0][1]) if addresses else port
+    log.info("analyzer %s listening on http://%s:%d", config.name, host, actual)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("analyzer %s shutting down", config.name)
+        app[STATE].faults.release_for_shutdown()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    config = Config(
+        name=args.name,
+        delay_ms=args.delay_ms,
+        error_rate=args.error_rate,
+        stall=args.stall,
+        concurrency=args.concurrency,
+        dedup_window=args.dedup_window,
+    )
+    host, port = args.listen
+    import uvloop
+
+    try:
+        uvloop.run(serve(host, port, config))
+    except OSError as exc:
+        log.error("analyzer %s cannot listen on %s:%d: %s", config.name, host, port, exc)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
