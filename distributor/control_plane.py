@@ -23,6 +23,7 @@ from distributor.shared_table import (
     STATE_NAMES,
     W_ACCEPTED,
     W_CONNECTIONS,
+    W_GENERATION,
     W_LOOP_LAG,
     W_PID,
     W_QUEUED_BYTES,
@@ -118,6 +119,7 @@ def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[
             "rejected_unavailable": table.ints[base + W_REJECTED_UNAVAILABLE],
             "queued_packets": table.ints[base + W_QUEUED_PACKETS],
             "queued_bytes": table.ints[base + W_QUEUED_BYTES],
+            "analyzer_generation": table.ints[base + W_GENERATION],
         }
         if alive and state == W_READY:
             entry.update(sampler.sample(pid))
@@ -149,7 +151,7 @@ def build_app(supervisor: "Supervisor") -> web.Application:
                      status=200 if ok else 503)
 
     async def analyzers(_: web.Request) -> web.Response:
-        return _json({"analyzers": analyzers_view(supervisor)})
+        return _json({"generation": supervisor.table.generation, "analyzers": analyzers_view(supervisor)})
 
     async def workers(_: web.Request) -> web.Response:
         return _json({"workers": workers_view(supervisor, sampler)})

@@ -24,10 +24,20 @@ from typing import Any, Sequence
 DEMO_WEIGHTS = (("a1", 0.4), ("a2", 0.3), ("a3", 0.2), ("a4", 0.1))
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (held together while picking, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def http_json(url: str, method: str = "GET", body: bytes | None = None, timeout: float = 5.0) -> tuple[int, Any]:
@@ -128,6 +138,7 @@ class LocalCluster:
     analyzer_args: dict[str, list[str]] = field(default_factory=dict)
     distributor_args: list[str] = field(default_factory=list)
     start_distributor: bool = True
+    analyzer_flags: bool = True  # False when distributor_args carry --config with the analyzers
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="log-distributor-")))
     analyzer_procs: list[AnalyzerProcess] = field(default_factory=list)
     distributor: ManagedProcess | None = None
@@ -147,16 +158,29 @@ class LocalCluster:
 
     def start(self, timeout: float = 30.0) -> "LocalCluster":
         try:
-            for name, _ in self.analyzers:
-                self.start_analyzer(name)
+            ports = free_ports(len(self.analyzers) + 2)
+            self.data_port, self.admin_port = ports[-2:]
+            for (name, _), port in zip(self.analyzers, ports):
+                self.start_analyzer(name, port)
             for proc in self.analyzer_procs:
-                wait_until(lambda: http_json(proc.url + "/health")[0] == 200, timeout, f"analyzer {proc.name}")
+                wait_until(lambda: self._analyzer_up(proc), timeout, f"analyzer {proc.name}")
             if self.start_distributor:
                 self.start_distributor_process(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _analyzer_up(proc: AnalyzerProcess) -> bool:
+        """Serving *and* the process we started (not another one that holds the port).
+
+        Asks /stats, which answers even while the analyzer is stalled on purpose.
+        """
+        if not proc.alive():
+            raise RuntimeError(f"analyzer {proc.name} exited early:\n{proc.log_tail()}")
+        status, stats = http_json(proc.url + "/stats")
+        return status == 200 and stats.get("name") == proc.name
 
     def start_analyzer(self, name: str, port: int | None = None) -> AnalyzerProcess:
         """Start (or restart, on the same port) the analyzer ``name``."""
@@ -176,13 +200,14 @@ class LocalCluster:
         argv = [sys.executable, "-m", "distributor", "serve",
                 "--listen", f"127.0.0.1:{self.data_port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
                 "--workers", str(self.workers)]
-        for (name, weight), proc in zip(self.analyzers, self.analyzer_procs):
-            argv += ["--analyzer", f"{name}={proc.url}@{weight}"]
+        if self.analyzer_flags:
+            for (name, weight), proc in zip(self.analyzers, self.analyzer_procs):
+                argv += ["--analyzer", f"{name}={proc.url}@{weight}"]
         return argv + self.distributor_args
 
     def start_distributor_process(self, timeout: float = 30.0) -> ManagedProcess:
-        self.data_port = self.data_port or free_port()
-        self.admin_port = self.admin_port or free_port()
+        if not (self.data_port and self.admin_port):
+            self.data_port, self.admin_port = free_ports(2)
         self.distributor = ManagedProcess("distributor", self.distributor_argv(), self.log_dir / "distributor.log")
         self.distributor.start()
         distributor = self.distributor

@@ -57,8 +57,16 @@ class Router:
     different traffic.
     """
 
-    def __init__(self, table: SharedTable, worker_slot: int, refresh_interval: float) -> None:
+    def __init__(
+        self,
+        table: SharedTable,
+        worker_slot: int,
+        refresh_interval: float,
+        on_new_generation: Callable[[], None] = lambda: None,
+    ) -> None:
         self._table = table
+        self._on_new_generation = on_new_generation
+        self.generation = -1
         self._ints = table.ints
         self._worker = worker_slot
         self._refresh_interval = refresh_interval
@@ -69,8 +77,9 @@ class Router:
         self._own: list[int] = []
         self._others: list[int] = []
 
-    def set_analyzers(self, rows: Sequence[AnalyzerRow]) -> None:
-        """Adopt a new analyzer set / epoch (rows from SharedTable.read_analyzers)."""
+    def set_analyzers(self, generation: int, rows: Sequence[AnalyzerRow]) -> None:
+        """Adopt a new analyzer set / epoch (from SharedTable.read_analyzers)."""
+        self.generation = generation
         active = [row for row in rows if row.state == ACTIVE]
         total_weight = sum(row.weight for row in active)
         self.slots = [row.slot for row in active]
@@ -80,6 +89,9 @@ class Router:
         self._next_refresh = 0.0
 
     def refresh(self) -> None:
+        """Re-read the other workers' totals; hand a new analyzer generation to the owner first."""
+        if self._table.generation != self.generation:
+            self._on_new_generation()
         totals = self._table.global_counters(C_ROUTED_MESSAGES, exclude_worker=self._worker)
         self._others = [totals[slot] for slot in self.slots]
         self._next_refresh = time.monotonic() + self._refresh_interval

@@ -67,7 +67,8 @@ MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
     W_CONNECTIONS,
     W_QUEUED_PACKETS,
     W_QUEUED_BYTES,
-) = range(12)
+    W_GENERATION,
+) = range(13)
 WORKER_HEAD_CELLS = 16
 # worker states
 W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3

@@ -49,14 +49,14 @@ def test_epoch_rebases_routing_without_catch_up() -> None:
         table.start_epoch()
         table.end_update()
         router = Router(table, 0, refresh_interval=0.001)
-        router.set_analyzers(table.read_analyzers()[1])
+        router.set_analyzers(*table.read_analyzers())
         cell = table.counter_index(0, 0, C_ROUTED_MESSAGES)
         table.ints[cell] += 10_000  # a1 took everything so far
         table.begin_update()
         table.write_analyzer(1, "a2", "http://127.0.0.1:2", 1.0, "batch", ACTIVE)
         table.start_epoch()
         table.end_update()
-        router.set_analyzers(table.read_analyzers()[1])
+        router.set_analyzers(*table.read_analyzers())
         picks = []
         for _ in range(100):
             slot = router.choose(10, lambda s: True)
@@ -68,7 +68,7 @@ def test_epoch_rebases_routing_without_catch_up() -> None:
         table.set_analyzer_state(0, REMOVED)
         table.start_epoch()
         table.end_update()
-        router.set_analyzers(table.read_analyzers()[1])
+        router.set_analyzers(*table.read_analyzers())
         assert router.choose(10, lambda s: True) == 1
     finally:
         table.close()

@@ -36,6 +36,7 @@ from distributor.shared_table import (
     C_QUEUE_PACKETS,
     W_BOOTING,
     W_CONNECTIONS,
+    W_GENERATION,
     W_HEARTBEAT,
     W_LOOP_LAG,
     W_PID,
@@ -74,10 +75,9 @@ class IngestWorker:
         self.ints = table.ints
         self.floats = table.floats
         self.row = table.worker_base(slot)
-        self.router = Router(table, slot, config.routing_refresh_interval)
+        self.router = Router(table, slot, config.routing_refresh_interval, self.apply_analyzers)
         self.app = IngestApp(config.ingest, self.router, table, slot)
         self.http_stats = HttpStats()
-        self.generation = -1
         self.parent = os.getppid()
         self.stop = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
@@ -110,8 +110,8 @@ class IngestWorker:
                 sender.start()
                 self.app.queues[row.slot] = queue
                 self.app.senders[row.slot] = sender
-        self.router.set_analyzers(rows)
-        self.generation = generation
+        self.router.set_analyzers(generation, rows)
+        self.ints[self.row + W_GENERATION] = generation
 
     async def heartbeat(self) -> None:
         """Stamp liveness from the loop itself, measure loop lag, follow table changes."""
@@ -126,7 +126,7 @@ class IngestWorker:
             queues = [q for q in self.app.queues if q is not None]
             ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
             ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
-            if self.table.generation != self.generation:
+            if self.table.generation != self.router.generation:
                 self.apply_analyzers()
             if os.getppid() != self.parent:
                 log.error("worker %d: supervisor is gone; shutting down", self.slot)

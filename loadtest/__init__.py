@@ -1,0 +1,1 @@
+"""Load, stress and benchmark tooling (targets 127.0.0.1 only)."""
