@@ -1,4 +1,4 @@
-"""``distributor`` command line: serve, check-config, demo."""
+"""``distributor`` command line: serve, check-config, status, demo."""
 
 from __future__ import annotations
 
@@ -99,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_config_flags(serve)
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", metavar="FILE")
+    status = commands.add_parser("status", help="print the worker and analyzer tables of a running distributor")
+    from distributor.status import add_status_flags, run_status
+
+    add_status_flags(status)
     demo = commands.add_parser("demo", help="4 local analyzers + the distributor + emitter load, live table")
     from distributor.demo import add_demo_flags
 
@@ -112,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "check-config":
             return _check_config(args)
+        if args.command == "status":
+            return run_status(args)
         from distributor.demo import run_demo
 
         return run_demo(args)

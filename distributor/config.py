@@ -113,6 +113,7 @@ class Config:
     graceful_timeout: float = 30.0
     worker_timeout: float = 30.0
     routing_refresh_interval: float = 0.005
+    max_worker_memory_mb: float = 0.0
     analyzers: tuple[AnalyzerConfig, ...] = ()
     ingest: IngestConfig = IngestConfig()
     queue: QueueConfig = QueueConfig()
@@ -123,6 +124,8 @@ class Config:
         _check_positive_int("workers", self.workers)
         for name in ("graceful_timeout", "worker_timeout", "routing_refresh_interval"):
             _check_positive_number(name, getattr(self, name))
+        if self.max_worker_memory_mb != 0:
+            _check_positive_number("max_worker_memory_mb", self.max_worker_memory_mb)
         for section in ("ingest", "queue", "sender"):
             for f in fields(getattr(self, section)):
                 value = getattr(getattr(self, section), f.name)

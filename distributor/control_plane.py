@@ -20,10 +20,13 @@ from distributor.metrics import TableCollector
 from distributor.shared_table import (
     ACTIVE,
     COUNTER_NAMES,
+    LATENCY_BUCKETS,
     STATE_NAMES,
     W_ACCEPTED,
     W_CONNECTIONS,
     W_GENERATION,
+    W_LATENCY_BUCKETS,
+    W_LATENCY_SUM_NS,
     W_LOOP_LAG,
     W_PID,
     W_QUEUED_BYTES,
@@ -127,6 +130,23 @@ def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[
     return view
 
 
+def latency_histogram(supervisor: "Supervisor") -> tuple[list[tuple[str, int]], float]:
+    """Ingest handler latency over every worker: cumulative (le, count) buckets and the sum in seconds."""
+    table = supervisor.table
+    counts = [0] * len(LATENCY_BUCKETS)
+    total_ns = 0
+    for handle in supervisor.workers:
+        base = table.worker_base(handle.slot)
+        total_ns += table.ints[base + W_LATENCY_SUM_NS]
+        for i in range(len(LATENCY_BUCKETS)):
+            counts[i] += table.ints[base + W_LATENCY_BUCKETS + i]
+    buckets, running = [], 0
+    for bound, count in zip(LATENCY_BUCKETS, counts):
+        running += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return buckets, total_ns / 1e9
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
@@ -138,6 +158,8 @@ def build_app(supervisor: "Supervisor") -> web.Application:
         lambda: analyzers_view(supervisor),
         lambda: workers_view(supervisor, sampler),
         lambda: supervisor.restarts_total,
+        lambda: supervisor.memory_recycles,
+        lambda: latency_histogram(supervisor),
     ))
 
     async def health(_: web.Request) -> web.Response:

@@ -336,15 +336,10 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+            self.transport.abort() if abort else self.transport.close()
 
 
 def _retry_after_seconds(value: bytes | None) -> float:
@@ -393,12 +388,11 @@ class _Run:
         self.live.add(conn)
         return conn
 
-    async def worker(self) -> None:
+    async def worker(self, conn: _Connection | None) -> None:
         stats, spec, factory, head = self.stats, self.spec, self.factory, self.head
         record, honour, open_loop = spec.record_accepted, spec.honour_retry_after, spec.rate is not None
         monotonic, sleep = time.monotonic, asyncio.sleep
-        conn: _Connection | None = None
-        opened = 0
+        opened = 0 if conn is None else 1
         while True:
             if open_loop:
                 slot = self.next_slot
@@ -467,13 +461,15 @@ class _Run:
             for conn in list(self.live):
                 if conn.waiter is not None and conn.sent_at < deadline and not conn.closed:
                     conn.timed_out = True
-                    conn.abort()
+                    conn.close(abort=True)
 
     async def run(self) -> None:
+        # connect first, so that the open-loop schedule does not start with a connect-time backlog
+        conns = await asyncio.gather(*(self._connect() for _ in range(self.spec.connections)))
         self.start = self.stats.started = time.monotonic()
         self.end = self.start + self.spec.duration
         watchdog = asyncio.create_task(self.watchdog())
-        workers = [asyncio.create_task(self.worker()) for _ in range(self.spec.connections)]
+        workers = [asyncio.create_task(self.worker(conn)) for conn in conns]
         try:
             _, pending = await asyncio.wait(workers, timeout=self.spec.duration + DRAIN_TIMEOUT + 0.5)
             for task in pending:  # answers still missing after the drain window: give up on them
@@ -485,7 +481,7 @@ class _Run:
                 task.cancel()
             watchdog.cancel()
             for conn in list(self.live):
-                conn.abort()
+                conn.close(abort=True)
             self.live.clear()
             self.stats.finished = time.monotonic()
         for task in workers:

@@ -7,6 +7,9 @@ counters it bumps are cells of this worker's row in the shared table.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from time import perf_counter_ns
+
 import orjson
 
 from distributor.config import IngestConfig
@@ -17,7 +20,10 @@ from distributor.sender import AnalyzerSender, PacketQueue
 from distributor.shared_table import (
     C_ROUTED_MESSAGES,
     C_ROUTED_PACKETS,
+    LATENCY_BUCKETS,
     W_ACCEPTED,
+    W_LATENCY_BUCKETS,
+    W_LATENCY_SUM_NS,
     W_REJECTED_INVALID,
     W_REJECTED_UNAVAILABLE,
     W_REQUESTS,
@@ -29,6 +35,7 @@ HEALTH_PATH = b"/healthz"
 _ALLOW_POST = ((b"allow", b"POST"),)
 _ALLOW_GET = ((b"allow", b"GET, HEAD"),)
 _HEALTHY = Response(200, b'{"status":"ok"}')
+_BUCKET_BOUNDS_NS = tuple(bound * 1e9 for bound in LATENCY_BUCKETS[:-1])
 
 
 class IngestApp:
@@ -60,6 +67,16 @@ class IngestApp:
     def handle(self, request: Request) -> Response:
         if request.path == HEALTH_PATH:
             return _HEALTHY
+        started = perf_counter_ns()
+        response = self._ingest(request)
+        elapsed = perf_counter_ns() - started
+        ints, row = self._ints, self._row
+        ints[row + W_LATENCY_SUM_NS] += elapsed
+        ints[row + W_LATENCY_BUCKETS + bisect_left(_BUCKET_BOUNDS_NS, elapsed)] += 1
+        return response
+
+    def _ingest(self, request: Request) -> Response:
+        """Parse, validate, route, enqueue: the part the latency histogram measures."""
         ints, row = self._ints, self._row
         ints[row + W_REQUESTS] += 1
         body = request.body

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 View = Callable[[], list[dict[str, Any]]]
@@ -31,10 +31,19 @@ PACKET_OUTCOMES = {
 class TableCollector(Collector):
     """Reads the admin views (analyzers, workers) and the restart count at scrape time."""
 
-    def __init__(self, analyzers: View, workers: View, restarts: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        analyzers: View,
+        workers: View,
+        restarts: Callable[[], int],
+        recycles: Callable[[], int],
+        latency: Callable[[], tuple[list[tuple[str, int]], float]],
+    ) -> None:
         self._analyzers = analyzers
         self._workers = workers
         self._restarts = restarts
+        self._recycles = recycles
+        self._latency = latency
 
     def collect(self) -> Iterator[Metric]:
         analyzers = self._analyzers()
@@ -89,3 +98,14 @@ class TableCollector(Collector):
         restarts = CounterMetricFamily("distributor_worker_restarts", "Worker processes respawned")
         restarts.add_metric([], self._restarts())
         yield restarts
+        recycles = CounterMetricFamily(
+            "distributor_worker_memory_recycles", "Workers replaced for exceeding max_worker_memory_mb"
+        )
+        recycles.add_metric([], self._recycles())
+        yield recycles
+        buckets, total = self._latency()
+        latency = HistogramMetricFamily(
+            "distributor_ingest_latency_seconds", "Time in the ingest handler: parse, validate, route, enqueue"
+        )
+        latency.add_metric([], buckets, total)
+        yield latency

@@ -33,7 +33,7 @@ from typing import Iterator
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 # header cells
 H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED = range(7)
@@ -68,8 +68,12 @@ MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
     W_QUEUED_PACKETS,
     W_QUEUED_BYTES,
     W_GENERATION,
-) = range(13)
-WORKER_HEAD_CELLS = 16
+    W_LATENCY_SUM_NS,
+) = range(14)
+# ingest handler latency histogram: one cell per upper bound, the last is +Inf
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, float("inf"))
+W_LATENCY_BUCKETS = 14
+WORKER_HEAD_CELLS = W_LATENCY_BUCKETS + len(LATENCY_BUCKETS)
 # worker states
 W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import orjson
+import psutil
 
 from distributor.config import Config, ConfigError
 from distributor.shared_table import (
@@ -36,6 +37,7 @@ log = logging.getLogger("distributor.supervisor")
 MAX_BOOT_FAILURES = 3
 BOOT_FAILURE_EXIT = 3
 TICK = 0.1
+MEMORY_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Supervisor:
         self.analyzer_slots: dict[str, int] = {}
         self.started_at = time.time()
         self.restarts_total = 0
+        self.memory_recycles = 0
+        self._next_memory_check = 0.0
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._stopping = False
         self._exit_code = 0
@@ -153,6 +157,28 @@ class Supervisor:
                 log.error("worker %d (pid %d): %s; killing", handle.slot, process.pid, handle.kill_reason)
                 process.kill()
 
+    def check_memory(self) -> None:
+        """Replace, gracefully (queues flushed first), a worker whose RSS is above max_worker_memory_mb."""
+        limit_mb = self.config.max_worker_memory_mb
+        now = time.monotonic()
+        if not limit_mb or now < self._next_memory_check:
+            return
+        self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        for handle in self.workers:
+            process = handle.process
+            if process is None or not handle.ready or handle.kill_reason:
+                continue
+            try:
+                rss = psutil.Process(process.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit_mb * (1 << 20):
+                handle.kill_reason = f"RSS {rss / (1 << 20):.1f} MB above max_worker_memory_mb={limit_mb:g}"
+                log.warning("worker %d (pid %d): %s; replacing it gracefully", handle.slot, process.pid,
+                            handle.kill_reason)
+                self.memory_recycles += 1
+                process.send_signal(signal.SIGTERM)
+
     def all_ready(self) -> bool:
         return all(h.ready for h in self.workers)
 
@@ -192,6 +218,7 @@ class Supervisor:
                     self.reload()
                 self.reap()
                 self.watch()
+                self.check_memory()
                 if not announced and self.all_ready():
                     announced = True
                     log.info("%d workers ready on %s", len(self.workers), self.config.listen)

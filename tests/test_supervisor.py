@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -139,3 +140,116 @@ def test_worker_that_cannot_boot_stops_the_supervisor(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert "failed to boot 3 times in a row" in result.stderr
     assert "cannot bind" in result.stderr
+
+
+def test_worker_with_a_stalled_event_loop_is_killed_and_replaced(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(analyzers=WEIGHTS, workers=2, distributor_args=["--set", "worker_timeout=1"])
+    victim = workers(cluster)[1]
+    os.kill(victim["pid"], signal.SIGSTOP)  # the loop stops stamping heartbeats, the process stays
+    replaced = wait_until(
+        lambda: (w := workers(cluster)[1])["pid"] not in (None, victim["pid"]) and w["state"] == "ready" and w,
+        15, "the stalled worker to be replaced",
+    )
+    assert replaced["restarts"] == 1
+    assert not psutil_exists(victim["pid"])
+    assert "event loop stalled" in cluster.distributor.log_tail(200)  # type: ignore[union-attr]
+
+
+def psutil_exists(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_worker_above_memory_limit_is_recycled_gracefully(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(analyzers=WEIGHTS, workers=1, distributor_args=["--set", "max_worker_memory_mb=1"])
+    accepted = 0
+    i = 0
+    while workers(cluster)[0]["restarts"] < 2:
+        try:
+            client = Client(cluster.data_port)
+            accepted += client.post(packet(packet_id=f"m-{i}"))[0] == 202
+            client.close()
+        except OSError:
+            pass  # between the old worker closing its socket and the new one binding
+        i += 1
+        assert i < 5000, "the worker was never recycled"
+    assert cluster.distributor.alive()  # type: ignore[union-attr]
+    log = cluster.distributor.log_tail(200)  # type: ignore[union-attr]
+    assert "above max_worker_memory_mb=1" in log
+    with urllib.request.urlopen(cluster.admin_url + "/metrics") as response:
+        metrics = response.read().decode()
+    recycles = next(line for line in metrics.splitlines() if line.startswith("distributor_worker_memory_recycles_total"))
+    assert float(recycles.split()[1]) >= 2
+    # recycling flushed the queues: everything answered 202 arrived, nothing counted lost
+    wait_until(lambda: sum(t["packets"] for t in cluster.analyzer_totals().values()) >= accepted, 20, "delivery")
+    assert sum(t["packets"] for t in cluster.analyzer_totals().values()) == accepted
+    assert all(a["lost_packets"] == 0 for a in cluster.admin("/admin/analyzers")["analyzers"])
+
+
+def test_global_split_holds_when_workers_see_different_packet_sizes(make_cluster: Callable[..., LocalCluster]) -> None:
+    """Worker A only ever sees 20-message packets, worker B only 5-message packets."""
+    cluster = make_cluster(analyzers=WEIGHTS, workers=2)
+    by_worker: dict[int, list[Client]] = {0: [], 1: []}
+    attempts = 0
+    while min(len(v) for v in by_worker.values()) < 4:
+        client = Client(cluster.data_port)
+        before = [w["accepted_packets"] for w in workers(cluster)]
+        assert client.post(packet(packet_id=f"probe-{attempts}", messages=1))[0] == 202
+        after = [w["accepted_packets"] for w in workers(cluster)]
+        slot = next(i for i in (0, 1) if after[i] > before[i])
+        by_worker[slot].append(client)  # keep-alive: this connection stays on that worker
+        attempts += 1
+        assert attempts < 200, "connections never reached both workers"
+    sizes = {0: 20, 1: 5}
+    sent = {0: 0, 1: 0}
+    for round_ in range(250):
+        for slot, clients in by_worker.items():
+            for k, client in enumerate(clients):
+                # equal message volume per worker: 4x more small packets
+                for rep in range(1 if sizes[slot] == 20 else 4):
+                    status, _, _ = client.post(packet(packet_id=f"w{slot}-{round_}-{k}-{rep}", messages=sizes[slot]))
+                    assert status == 202
+                    sent[slot] += 1
+    per_worker = {w["slot"]: w["accepted_packets"] for w in workers(cluster)}
+    assert per_worker[0] >= sent[0] and per_worker[1] >= sent[1]
+    cluster.wait_drained()
+    totals = cluster.analyzer_totals()
+    all_messages = sum(t["messages"] for t in totals.values())
+    for name, weight in WEIGHTS:
+        assert abs(totals[name]["messages"] / all_messages - weight) < 0.01, (name, totals[name]["messages"] / all_messages)
+
+
+def test_status_command_and_metrics(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(analyzers=WEIGHTS, workers=2)
+    client = Client(cluster.data_port)
+    for i in range(40):
+        assert client.post(packet(packet_id=f"st-{i}", messages=5))[0] == 202
+    assert client.post(b"{broken")[0] == 400
+    client.close()
+    text = subprocess.run([sys.executable, "-m", "distributor", "status", "--admin", cluster.admin_url],
+                          capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0
+    for name, _ in WEIGHTS:
+        assert name in text.stdout
+    assert "rss MB" in text.stdout and "target" in text.stdout
+    raw = subprocess.run([sys.executable, "-m", "distributor", "status", "--admin", cluster.admin_url, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    view = json.loads(raw.stdout)
+    assert sum(a["routed_packets"] for a in view["analyzers"]) == 40
+    assert all(w["rss_bytes"] > 0 and w["uss_bytes"] > 0 for w in view["workers"])
+    with urllib.request.urlopen(cluster.admin_url + "/metrics") as response:
+        metrics = response.read().decode()
+    assert 'distributor_packets_total{outcome="accepted"} 40.0' in metrics
+    assert 'distributor_packets_total{outcome="invalid"} 1.0' in metrics
+    assert 'distributor_messages_total{analyzer="a1",outcome="routed"}' in metrics
+    assert "distributor_ingest_latency_seconds_count 41.0" in metrics
+    for family in ("distributor_queue_depth", "distributor_worker_memory_bytes", "distributor_worker_cpu_seconds_total",
+                   "distributor_event_loop_lag_seconds", "distributor_worker_restarts_total"):
+        assert family in metrics
+    down = subprocess.run([sys.executable, "-m", "distributor", "status", "--admin", f"http://127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and "cannot reach" in down.stdout

@@ -1,0 +1,68 @@
+"""``distributor status``: the control plane's worker and analyzer views for a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.error
+from typing import Any
+
+from distributor.localcluster import http_json
+
+MIB = 1 << 20
+
+
+def add_status_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", default="http://127.0.0.1:9091", help="control plane URL")
+    parser.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON views")
+
+
+def fetch(admin: str) -> dict[str, Any]:
+    return {
+        "workers": http_json(admin.rstrip("/") + "/admin/workers")[1]["workers"],
+        "analyzers": http_json(admin.rstrip("/") + "/admin/analyzers")[1]["analyzers"],
+    }
+
+
+def render(view: dict[str, Any]) -> str:
+    lines = [f"{'worker':<7}{'pid':>8} {'state':<9}{'uptime':>8}{'restarts':>9}{'rss MB':>8}{'uss MB':>8}"
+             f"{'cpu%':>6}{'fds':>5}{'lag ms':>8}{'conns':>7}{'queued':>8}{'queued MB':>10}"]
+    for w in view["workers"]:
+        lines.append(
+            f"{w['slot']:<7}{w['pid'] or '-':>8} {w['state']:<9}{w['uptime_s']:>7.0f}s{w['restarts']:>9}"
+            f"{w.get('rss_bytes', 0) / MIB:>8.1f}{w.get('uss_bytes', 0) / MIB:>8.1f}{w.get('cpu_percent', 0):>6.0f}"
+            f"{w.get('open_fds', 0):>5}{w['event_loop_lag_s'] * 1e3:>8.1f}{w['connections']:>7}"
+            f"{w['queued_packets']:>8}{w['queued_bytes'] / MIB:>10.1f}"
+        )
+    lines.append("")
+    lines.append(f"{'analyzer':<12}{'state':<9}{'weight':>7}{'target':>8}{'actual':>8}{'routed msgs':>13}"
+                 f"{'delivered':>11}{'queue':>7}{'failed':>8}{'rejected':>9}{'dropped':>8}{'lost':>6}")
+    for a in view["analyzers"]:
+        lines.append(
+            f"{a['name']:<12}{a['state']:<9}{a['weight']:>7g}{a['target_share'] * 100:>7.1f}%{a['share'] * 100:>7.1f}%"
+            f"{a['routed_messages']:>13}{a['delivered_messages']:>11}{a['queue_packets']:>7}{a['failed_attempts']:>8}"
+            f"{a['rejected_packets']:>9}{a['shutdown_dropped_packets']:>8}{a['lost_packets']:>6}"
+        )
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            view = fetch(args.admin)
+            if args.json:
+                print(json.dumps(view, indent=2))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(render(view), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(1.0)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"distributor status: cannot reach the control plane at {args.admin}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
