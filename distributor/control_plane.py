@@ -20,6 +20,7 @@ from distributor.metrics import TableCollector
 from distributor.shared_table import (
     ACTIVE,
     COUNTER_NAMES,
+    HTTP_STAT_CELLS,
     LATENCY_BUCKETS,
     STATE_NAMES,
     W_ACCEPTED,
@@ -123,6 +124,7 @@ def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[
             "queued_packets": table.ints[base + W_QUEUED_PACKETS],
             "queued_bytes": table.ints[base + W_QUEUED_BYTES],
             "analyzer_generation": table.ints[base + W_GENERATION],
+            "http": {name: table.ints[base + cell] for name, cell in HTTP_STAT_CELLS.items()},
         }
         if alive and state == W_READY:
             entry.update(sampler.sample(pid))

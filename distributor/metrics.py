@@ -94,7 +94,13 @@ class TableCollector(Collector):
                 memory.add_metric([slot, "rss"], w["rss_bytes"])
                 memory.add_metric([slot, "uss"], w["uss_bytes"])
                 cpu.add_metric([slot], w["cpu_seconds"])
-        yield from (memory, cpu, lag, connections)
+        http = CounterMetricFamily(
+            "distributor_http_events", "Ingest connection and protocol events (limits, timeouts, errors)",
+            labels=["event"],
+        )
+        for event in workers[0]["http"] if workers else ():
+            http.add_metric([event], sum(w["http"][event] for w in workers))
+        yield from (memory, cpu, lag, connections, http)
         restarts = CounterMetricFamily("distributor_worker_restarts", "Worker processes respawned")
         restarts.add_metric([], self._restarts())
         yield restarts

@@ -69,10 +69,27 @@ MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
     W_QUEUED_BYTES,
     W_GENERATION,
     W_LATENCY_SUM_NS,
-) = range(14)
+    W_CONNECTIONS_TOTAL,
+    W_CONNECTIONS_REJECTED,
+    W_HTTP_BAD_REQUESTS,
+    W_HTTP_TOO_LARGE,
+    W_HTTP_HEADER_TIMEOUTS,
+    W_HTTP_BODY_TIMEOUTS,
+    W_HTTP_IDLE_CLOSED,
+) = range(21)
+# HttpStats attribute -> worker cell, copied by the worker's heartbeat
+HTTP_STAT_CELLS = {
+    "connections_total": W_CONNECTIONS_TOTAL,
+    "connections_rejected": W_CONNECTIONS_REJECTED,
+    "bad_requests": W_HTTP_BAD_REQUESTS,
+    "too_large": W_HTTP_TOO_LARGE,
+    "header_timeouts": W_HTTP_HEADER_TIMEOUTS,
+    "body_timeouts": W_HTTP_BODY_TIMEOUTS,
+    "idle_closed": W_HTTP_IDLE_CLOSED,
+}
 # ingest handler latency histogram: one cell per upper bound, the last is +Inf
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, float("inf"))
-W_LATENCY_BUCKETS = 14
+W_LATENCY_BUCKETS = 21
 WORKER_HEAD_CELLS = W_LATENCY_BUCKETS + len(LATENCY_BUCKETS)
 # worker states
 W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -53,6 +54,27 @@ def test_weighted_split_of_messages_and_exact_delivery(make_cluster: Callable[..
     # packets are NOT split by weight when sizes are skewed: the router balances messages
     view = {a["name"]: a for a in cluster.admin("/admin/analyzers")["analyzers"]}
     assert sum(a["delivered_messages"] for a in view.values()) == all_messages
+
+
+def test_packet_mode_and_batch_mode_analyzers_side_by_side(make_cluster: Callable[..., LocalCluster],
+                                                           tmp_path: Path) -> None:
+    cluster = make_cluster(analyzers=WEIGHTS, start_distributor=False)
+    config = tmp_path / "mixed.toml"
+    config.write_text("".join(
+        f'[[analyzers]]\nname = "{proc.name}"\nurl = "{proc.url}"\nweight = {weight}\nmode = "{mode}"\n'
+        for proc, (_, weight), mode in zip(cluster.analyzer_procs, WEIGHTS, ("batch", "packet", "batch", "packet"))
+    ))
+    cluster.analyzer_flags = False
+    cluster.distributor_args = ["--config", str(config)]
+    cluster.start_distributor_process()
+    stats = emit(cluster, 2.0, connections=8, sizes=((5, 0.5), (20, 0.5)))
+    totals = check_exact_delivery(cluster, stats)
+    assert totals["a2"]["batches"] == 0 and totals["a4"]["batches"] == 0
+    assert totals["a2"]["requests"] == totals["a2"]["packets"]
+    assert totals["a1"]["batches"] > 0
+    all_messages = sum(t["messages"] for t in totals.values())
+    for name, weight in WEIGHTS:
+        assert abs(totals[name]["messages"] / all_messages - weight) < 0.01
 
 
 def test_stalled_analyzer_fills_its_queue_while_others_keep_accepting(make_cluster: Callable[..., LocalCluster]) -> None:

@@ -29,6 +29,7 @@ from distributor.routing import Router
 from distributor.sender import AnalyzerSender, PacketQueue
 from distributor.shared_table import (
     ACTIVE,
+    HTTP_STAT_CELLS,
     C_LOST_MESSAGES,
     C_LOST_PACKETS,
     C_QUEUE_BYTES,
@@ -122,7 +123,10 @@ class IngestWorker:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             floats[row + W_LOOP_LAG] = max(0.0, loop.time() - expected)
             floats[row + W_HEARTBEAT] = time.monotonic()
-            ints[row + W_CONNECTIONS] = self.http_stats.connections_open
+            stats = self.http_stats
+            ints[row + W_CONNECTIONS] = stats.connections_open
+            for name, cell in HTTP_STAT_CELLS.items():
+                ints[row + cell] = getattr(stats, name)
             queues = [q for q in self.app.queues if q is not None]
             ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
             ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
