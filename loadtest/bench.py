@@ -5,7 +5,9 @@
 Scenarios, in one invocation:
 * throughput: closed loop, many keep-alive connections, as fast as the distributor answers;
 * latency: open loop at 50% of that throughput (latency measured from each request's
-  scheduled send time, so stalls are not hidden by coordinated omission).
+  scheduled send time, so stalls are not hidden by coordinated omission);
+* memory (``--memory``): every analyzer stalled, load until every queue is full, then
+  peak RSS / USS per worker against the configured queue bytes.
 
 The load generator is the built-in uvloop emitter (``distributor.emitter``) in
 this process. After the runs the queues drain and the run is checked: the
@@ -106,6 +108,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def memory_scenario(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill every queue of every worker (analyzers stalled) and sample worker memory."""
+    queue_mib = args.queue_mib
+    cluster = LocalCluster(
+        analyzers=WEIGHTS,
+        workers=args.workers,
+        analyzer_args={name: ["--stall"] for name, _ in WEIGHTS},
+        distributor_args=["--set", "queue.max_packets=1000000", "--set", f"queue.max_bytes={queue_mib << 20}",
+                          "--set", "graceful_timeout=2"],
+    )
+    cap = len(WEIGHTS) * (queue_mib << 20)
+    peak: dict[int, dict[str, float]] = {}
+    with cluster:
+        print(f"[memory] filling {len(WEIGHTS)} x {queue_mib} MiB queues per worker ...", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            uvloop.run(run_load(LoadSpec(url=cluster.ingest_url, duration=1.0, connections=32, sizes=((10, 1.0),))))
+            workers = cluster.admin("/admin/workers")["workers"]
+            for w in workers:
+                entry = peak.setdefault(w["slot"], {"rss_mb": 0.0, "uss_mb": 0.0, "queued_mb": 0.0})
+                entry["rss_mb"] = max(entry["rss_mb"], w.get("rss_bytes", 0) / 2**20)
+                entry["uss_mb"] = max(entry["uss_mb"], w.get("uss_bytes", 0) / 2**20)
+                entry["queued_mb"] = max(entry["queued_mb"], w["queued_bytes"] / 2**20)
+            # full: no worker has room left for another ~2.6 KB packet in any queue
+            if all(w["queued_bytes"] > cap - len(WEIGHTS) * 4096 for w in workers):
+                break
+    bound = cap / 2**20 + 60
+    return {
+        "queue_bytes_per_worker_mb": cap / 2**20,
+        "bound_mb": bound,
+        "workers": peak,
+        "within_bound": all(p["rss_mb"] <= bound for p in peak.values()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=1)
@@ -113,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--sizes", choices=("fixed", "skewed"), default="fixed",
                         help="fixed: 10 messages per packet (~1.8 KB); skewed: 5 and 20")
+    parser.add_argument("--memory", action="store_true", help="also run the queues-full memory scenario")
+    parser.add_argument("--queue-mib", type=int, default=64, help="queue.max_bytes per analyzer in --memory")
     parser.add_argument("--output", default="loadtest/results/bench.json")
     args = parser.parse_args(argv)
     report = run(args)
+    if args.memory:
+        report["memory"] = memory_scenario(args)
     print(f"\n{'scenario':<14}{'packets/s':>11}{'messages/s':>12}{'503':>7}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
     for r in report["scenarios"]:
         print(f"{r['scenario']:<14}{r['packets_per_s']:>11.0f}{r['messages_per_s']:>12.0f}{r['ratio_503']:>7.1%}"
@@ -123,11 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     check = report["check"]
     print(f"delivery exact: {check['exact_delivery']} ({check['received_packets']}/{check['answered_202_packets']}), "
           f"split error {check['split_error_points']:.2f} points -> {'PASSED' if check['passed'] else 'FAILED'}")
+    if "memory" in report:
+        memory = report["memory"]
+        for slot, figures in sorted(memory["workers"].items()):
+            print(f"worker {slot}: queues full at {figures['queued_mb']:.0f} MiB -> peak RSS {figures['rss_mb']:.0f} MiB, "
+                  f"USS {figures['uss_mb']:.0f} MiB (bound {memory['bound_mb']:.0f} MiB)")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"report: {out}")
-    return 0 if check["passed"] else 1
+    return 0 if check["passed"] and report.get("memory", {}).get("within_bound", True) else 1
 
 
 if __name__ == "__main__":
