@@ -90,6 +90,7 @@ class QueueConfig:
 
     max_packets: int = 10_000
     max_bytes: int = 64 << 20
+    worker_max_bytes: int = 256 << 20  # all analyzers together, per worker: the basis of overload shedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,74 @@ class SenderConfig:
     retry_max_backoff: float = 2.0
 
 
+def _optional(default: float) -> Any:
+    """A field where 0 means off (validated as >= 0 instead of > 0)."""
+    return field(default=default, metadata={"zero_allowed": True})
+
+
+def _fraction(default: float) -> Any:
+    """A field in (0, 1]."""
+    return field(default=default, metadata={"fraction": True})
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Active health checks from the supervisor (HAProxy's inter/rise/fall) and saturation thresholds."""
+
+    interval: float = 1.0
+    timeout: float = 0.5
+    fall: int = 3
+    rise: int = 2
+    max_inflight: int = _optional(0)        # analyzer /health inflight above this -> saturated (0 = ignore)
+    max_queue_depth: int = _optional(64)     # analyzer /health queue_depth above this -> saturated (0 = ignore)
+    max_latency_ms: float = _optional(500.0)  # analyzer /health latency_ms.p99 above this -> saturated (0 = ignore)
+    saturated_weight: float = _fraction(0.25)  # effective weight factor while saturated
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive detection in every worker, ejection backoff, slow start, retry budget (after Envoy)."""
+
+    consecutive_failures: int = 5
+    base_ejection_time: float = 5.0
+    max_ejection_time: float = 300.0
+    flap_window: float = 60.0
+    slow_start: float = 10.0
+    slow_start_min_weight: float = _fraction(0.1)
+    retry_budget: float = _fraction(0.2)
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadConfig:
+    """Priority shedding by how full a worker's queues are (fraction of queue.worker_max_bytes)."""
+
+    low_priority_watermark: float = _fraction(0.7)
+    normal_priority_watermark: float = _fraction(0.9)
+    max_retry_after: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Per emitter_id token-bucket limit, held across workers (0 = off)."""
+
+    rate: float = _optional(0.0)
+    burst: float = _optional(0.0)  # 0 = same as rate
+    slots: int = 16384
+    overrides: tuple[tuple[str, RateLimit], ...] = ()
+
+    def limit_for(self, emitter_id: str) -> RateLimit | None:
+        for name, limit in self.overrides:
+            if name == emitter_id:
+                return limit
+        return RateLimit(self.rate, self.burst or self.rate) if self.rate else None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Address = Address("0.0.0.0", 8080)
@@ -118,6 +187,10 @@ class Config:
     ingest: IngestConfig = IngestConfig()
     queue: QueueConfig = QueueConfig()
     sender: SenderConfig = SenderConfig()
+    health: HealthConfig = HealthConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    overload: OverloadConfig = OverloadConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     def validate(self) -> "Config":
         """Return self, or raise ConfigError naming the first bad field."""
@@ -126,11 +199,18 @@ class Config:
             _check_positive_number(name, getattr(self, name))
         if self.max_worker_memory_mb != 0:
             _check_positive_number("max_worker_memory_mb", self.max_worker_memory_mb)
-        for section in ("ingest", "queue", "sender"):
+        for section in SECTIONS:
             for f in fields(getattr(self, section)):
-                value = getattr(getattr(self, section), f.name)
-                checker = _check_positive_int if isinstance(value, int) else _check_positive_number
-                checker(f"{section}.{f.name}", value)
+                if f.name == "overrides":
+                    continue
+                _check_field(f"{section}.{f.name}", getattr(getattr(self, section), f.name), f.metadata)
+        for name, limit in self.rate_limit.overrides:
+            _check_positive_number(f"rate_limit.overrides.{name}.rate", limit.rate)
+            _check_positive_number(f"rate_limit.overrides.{name}.burst", limit.burst)
+        if self.overload.normal_priority_watermark < self.overload.low_priority_watermark:
+            raise ConfigError("overload.normal_priority_watermark: must be >= overload.low_priority_watermark")
+        if self.health.timeout > self.health.interval:
+            raise ConfigError("health.timeout: must be <= health.interval")
         if self.queue.max_bytes < self.ingest.max_body_bytes:
             raise ConfigError("queue.max_bytes: must be >= ingest.max_body_bytes, or a largest packet never fits")
         if self.sender.retry_max_backoff < self.sender.retry_initial_backoff:
@@ -150,7 +230,22 @@ class Config:
         data["listen"] = str(self.listen)
         data["admin_listen"] = str(self.admin_listen)
         data["analyzers"] = [dataclasses.asdict(a) for a in self.analyzers]
+        data["rate_limit"]["overrides"] = {name: dataclasses.asdict(limit) for name, limit in self.rate_limit.overrides}
         return data
+
+
+SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit")
+
+
+def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:
+    if metadata.get("zero_allowed") and value == 0:
+        return
+    if isinstance(value, int) and not isinstance(value, bool):
+        _check_positive_int(name, value)
+    else:
+        _check_positive_number(name, value)
+    if metadata.get("fraction") and value > 1:  # type: ignore[operator]
+        raise ConfigError(f"{name}: must be in (0, 1], got {value!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -234,6 +329,8 @@ def _build(cls: type, where: str, data: Mapping[str, Any]) -> Any:
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation) and annotation is not Address:
             kwargs[key] = _build(annotation, path, value)
+        elif key == "overrides" and cls is RateLimitConfig:
+            kwargs[key] = _overrides(path, value)
         elif key == "analyzers":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected an array of tables")
@@ -245,6 +342,22 @@ def _build(cls: type, where: str, data: Mapping[str, Any]) -> Any:
             if required not in kwargs:
                 raise ConfigError(f"{where}.{required}: missing")
     return cls(**kwargs)
+
+
+def _overrides(where: str, value: Any) -> tuple[tuple[str, RateLimit], ...]:
+    """``[rate_limit.overrides] "agent-17" = {rate = 10, burst = 20}`` (or a list of such pairs from JSON)."""
+    items = value.items() if isinstance(value, Mapping) else value
+    result = []
+    for name, limit in items:
+        if isinstance(limit, RateLimit):
+            result.append((name, limit))
+            continue
+        if not isinstance(limit, Mapping) or "rate" not in limit:
+            raise ConfigError(f"{where}.{name}: expected {{rate = N, burst = N}}")
+        rate = _coerce(f"{where}.{name}.rate", float, limit["rate"])
+        burst = _coerce(f"{where}.{name}.burst", float, limit.get("burst", rate))
+        result.append((str(name), RateLimit(rate, burst)))
+    return tuple(result)
 
 
 def _plain(annotation: Any) -> Any:
@@ -272,7 +385,7 @@ def apply_env(config: Config, environ: Mapping[str, str]) -> Config:
     """Apply ``DISTRIBUTOR_WORKERS=4`` / ``DISTRIBUTOR_QUEUE_MAX_PACKETS=100`` style overrides."""
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
-    section_names = {f.name for f in fields(Config) if f.name in ("ingest", "queue", "sender")}
+    section_names = set(SECTIONS)
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "ADMIN_TOKEN":
             continue

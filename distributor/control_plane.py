@@ -18,7 +18,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from distributor.metrics import TableCollector
 from distributor.shared_table import (
-    ACTIVE,
     COUNTER_NAMES,
     HTTP_STAT_CELLS,
     LATENCY_BUCKETS,
@@ -32,10 +31,12 @@ from distributor.shared_table import (
     W_PID,
     W_QUEUED_BYTES,
     W_QUEUED_PACKETS,
+    W_RATE_LIMITED,
     W_READY,
     W_REJECTED_INVALID,
     W_REJECTED_UNAVAILABLE,
     W_REQUESTS,
+    W_SHED,
     W_STARTED,
     W_STATE,
 )
@@ -47,28 +48,37 @@ WORKER_STATES = {0: "free", 1: "booting", 2: "ready", 3: "stopping"}
 
 
 def analyzers_view(supervisor: "Supervisor") -> list[dict[str, Any]]:
-    """Per analyzer: definition, state, queue depth and counters summed over every worker."""
+    """Per analyzer: definition, health, queue depth and counters summed over every worker.
+
+    ``share`` is the analyzer's fraction of all messages routed to it net of failovers
+    (a packet failed over from A to B counts for B); ``epoch_share`` the same since the last
+    change of the analyzer set or of an effective weight.
+    """
     table = supervisor.table
     _, rows = table.read_analyzers()
     totals = {name: table.global_counters(index) for index, name in enumerate(COUNTER_NAMES)}
-    active_weight = sum(r.weight for r in rows if r.state == ACTIVE)
-    routed_all = sum(totals["routed_messages"][r.slot] for r in rows)
-    epoch_routed = {r.slot: totals["routed_messages"][r.slot] - r.base_messages for r in rows if r.state == ACTIVE}
+    health = supervisor.analyzers.view()
+    net = totals["net_routed_messages"]
+    routable_weight = sum(r.effective_weight for r in rows if r.routable)
+    routed_all = sum(net[r.slot] for r in rows)
+    epoch_routed = {r.slot: net[r.slot] - r.base_messages for r in rows if r.routable}
     epoch_all = sum(epoch_routed.values())
+    capacity = supervisor.config.queue.max_packets * len(supervisor.workers)
     view = []
     for row in rows:
         counters = {name: values[row.slot] for name, values in totals.items()}
-        routed = counters["routed_messages"]
         view.append({
             "name": row.name,
             "url": row.url,
             "mode": row.mode,
             "weight": row.weight,
-            "effective_weight": row.weight if row.state == ACTIVE else 0.0,
+            "effective_weight": row.effective_weight if row.routable else 0.0,
             "state": STATE_NAMES[row.state],
-            "target_share": row.weight / active_weight if row.state == ACTIVE and active_weight else 0.0,
-            "share": routed / routed_all if routed_all else 0.0,
+            "target_share": row.effective_weight / routable_weight if row.routable and routable_weight else 0.0,
+            "share": net[row.slot] / routed_all if routed_all else 0.0,
             "epoch_share": epoch_routed.get(row.slot, 0) / epoch_all if epoch_all else 0.0,
+            "queue_capacity_packets": capacity,
+            **health.get(row.name, {}),
             **counters,
         })
     return view
@@ -121,6 +131,8 @@ def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[
             "accepted_packets": table.ints[base + W_ACCEPTED],
             "rejected_invalid": table.ints[base + W_REJECTED_INVALID],
             "rejected_unavailable": table.ints[base + W_REJECTED_UNAVAILABLE],
+            "shed_packets": table.ints[base + W_SHED],
+            "rate_limited_packets": table.ints[base + W_RATE_LIMITED],
             "queued_packets": table.ints[base + W_QUEUED_PACKETS],
             "queued_bytes": table.ints[base + W_QUEUED_BYTES],
             "analyzer_generation": table.ints[base + W_GENERATION],
@@ -161,6 +173,7 @@ def build_app(supervisor: "Supervisor") -> web.Application:
         lambda: workers_view(supervisor, sampler),
         lambda: supervisor.restarts_total,
         lambda: supervisor.memory_recycles,
+        lambda: supervisor.config.max_worker_memory_mb * (1 << 20),
         lambda: latency_histogram(supervisor),
     ))
 
@@ -168,7 +181,7 @@ def build_app(supervisor: "Supervisor") -> web.Application:
         return _json({"status": "ok", "pid": os.getpid(), "uptime_s": time.time() - supervisor.started_at})
 
     async def ready(_: web.Request) -> web.Response:
-        analyzers = [a for a in analyzers_view(supervisor) if a["state"] == "active"]
+        analyzers = [a for a in analyzers_view(supervisor) if a["effective_weight"] > 0]
         workers = sum(1 for h in supervisor.workers if h.ready and h.process is not None)
         ok = bool(analyzers) and workers > 0
         return _json({"ready": ok, "analyzers_available": len(analyzers), "workers_ready": workers},

@@ -8,25 +8,29 @@ counters it bumps are cells of this worker's row in the shared table.
 from __future__ import annotations
 
 from bisect import bisect_left
-from time import perf_counter_ns
+from time import monotonic, perf_counter_ns
 
 import orjson
 
-from distributor.config import IngestConfig
+from distributor.config import Config
 from distributor.contract import ContractError, parse_packet
 from distributor.http11 import Request, Response, json_error
+from distributor.ratelimit import RateLimiter
 from distributor.routing import NO_ANALYZER, Router
-from distributor.sender import AnalyzerSender, PacketQueue
+from distributor.sender import AnalyzerSender, PacketQueue, QueueTotals
 from distributor.shared_table import (
+    C_NET_ROUTED_MESSAGES,
     C_ROUTED_MESSAGES,
     C_ROUTED_PACKETS,
     LATENCY_BUCKETS,
     W_ACCEPTED,
     W_LATENCY_BUCKETS,
     W_LATENCY_SUM_NS,
+    W_RATE_LIMITED,
     W_REJECTED_INVALID,
     W_REJECTED_UNAVAILABLE,
     W_REQUESTS,
+    W_SHED,
     SharedTable,
 )
 
@@ -41,9 +45,20 @@ _BUCKET_BOUNDS_NS = tuple(bound * 1e9 for bound in LATENCY_BUCKETS[:-1])
 class IngestApp:
     """HttpApp for ``POST /ingest`` and ``GET /healthz``."""
 
-    def __init__(self, config: IngestConfig, router: Router, table: SharedTable, worker_slot: int) -> None:
-        self._max_messages = config.max_messages_per_packet
-        self._retry_after = config.retry_after
+    def __init__(self, config: Config, router: Router, table: SharedTable, worker_slot: int) -> None:
+        self._max_messages = config.ingest.max_messages_per_packet
+        self._retry_after = config.ingest.retry_after
+        self._max_retry_after = config.overload.max_retry_after
+        capacity = config.queue.worker_max_bytes
+        self._capacity = capacity
+        self._shed_at = {
+            "low": capacity * config.overload.low_priority_watermark,
+            "normal": capacity * config.overload.normal_priority_watermark,
+            "high": float(capacity),
+        }
+        self.totals = QueueTotals()
+        self.drain_rate = 0.0  # bytes/s leaving this worker's queues, kept current by the worker
+        self.limiter = RateLimiter(table, worker_slot, config.rate_limit)
         self._router = router
         self._ints = table.ints
         self._row = table.worker_base(worker_slot)
@@ -87,21 +102,45 @@ class IngestApp:
             error = "packet_too_large" if exc.status == 413 else "invalid_packet"
             payload = {"error": error, "detail": str(exc), "field": exc.field}
             return Response(exc.status, orjson.dumps(payload))
+        if self.limiter.enabled:
+            wait = self.limiter.admit(packet.emitter_id, monotonic())
+            if wait:
+                ints[row + W_RATE_LIMITED] += 1
+                return json_error(429, "rate_limited", f"emitter {packet.emitter_id!r} is over its rate limit", wait)
         size = len(body)
+        if self.totals.bytes + size > self._shed_at[packet.priority]:
+            ints[row + W_SHED] += 1
+            return json_error(503, "overloaded", f"queues are full for {packet.priority} priority packets; "
+                              "retry later", self.overload_retry_after())
         queues = self.queues
         slot = self._router.choose(packet.messages, lambda s: queues[s].has_room(size))  # type: ignore[union-attr]
         if slot == NO_ANALYZER:
             ints[row + W_REJECTED_UNAVAILABLE] += 1
-            return json_error(
-                503, "no_capacity", "no analyzer can take the packet now; retry later", self._retry_after
-            )
-        queues[slot].put(body, packet.messages)  # type: ignore[union-attr]
-        self.senders[slot].notify()  # type: ignore[union-attr]
-        cell = self._counter_base + slot * self._counter_stride
-        ints[cell + C_ROUTED_MESSAGES] += packet.messages
-        ints[cell + C_ROUTED_PACKETS] += 1
+            retry_after = self.overload_retry_after() if self._router.slots else self._retry_after
+            return json_error(503, "no_capacity", "no analyzer can take the packet now; retry later", retry_after)
+        self.enqueue(slot, body, packet.messages)
         ints[row + W_ACCEPTED] += 1
         return Response(202, orjson.dumps({"status": "accepted", "packet_id": packet.packet_id}))
+
+
+    def enqueue(self, slot: int, raw: bytes, messages: int) -> None:
+        """Put a packet in an analyzer's queue and count it as routed there (ingest and failover)."""
+        self.queues[slot].put(raw, messages)  # type: ignore[union-attr]
+        self.senders[slot].notify()  # type: ignore[union-attr]
+        ints = self._ints
+        cell = self._counter_base + slot * self._counter_stride
+        ints[cell + C_ROUTED_MESSAGES] += messages
+        ints[cell + C_ROUTED_PACKETS] += 1
+        ints[cell + C_NET_ROUTED_MESSAGES] += messages
+
+    def overload_retry_after(self) -> float:
+        """Seconds until the queues should be back under the low watermark at the current drain rate."""
+        excess = self.totals.bytes - self._shed_at["low"] * 0.9
+        if excess <= 0:
+            return self._retry_after
+        if self.drain_rate <= 0:
+            return self._max_retry_after
+        return min(max(excess / self.drain_rate, self._retry_after), self._max_retry_after)
 
 
 def _with_headers(response: Response, headers: tuple[tuple[bytes, bytes], ...]) -> Response:

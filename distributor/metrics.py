@@ -16,6 +16,7 @@ View = Callable[[], list[dict[str, Any]]]
 
 MESSAGE_OUTCOMES = {
     "routed": "routed_messages",
+    "failed_over": "failover_messages",
     "delivered": "delivered_messages",
     "rejected": "rejected_messages",
     "dropped_shutdown": "shutdown_dropped_messages",
@@ -25,7 +26,10 @@ PACKET_OUTCOMES = {
     "accepted": "accepted_packets",
     "invalid": "rejected_invalid",
     "unavailable": "rejected_unavailable",
+    "shed": "shed_packets",
+    "rate_limited": "rate_limited_packets",
 }
+ANALYZER_STATES = ("active", "warming", "saturated", "down", "ejected", "removed")
 
 
 class TableCollector(Collector):
@@ -37,12 +41,14 @@ class TableCollector(Collector):
         workers: View,
         restarts: Callable[[], int],
         recycles: Callable[[], int],
+        memory_limit: Callable[[], float],
         latency: Callable[[], tuple[list[tuple[str, int]], float]],
     ) -> None:
         self._analyzers = analyzers
         self._workers = workers
         self._restarts = restarts
         self._recycles = recycles
+        self._memory_limit = memory_limit
         self._latency = latency
 
     def collect(self) -> Iterator[Metric]:
@@ -61,7 +67,27 @@ class TableCollector(Collector):
             "distributor_analyzer_packets", "Packets per analyzer by outcome", labels=["analyzer", "outcome"]
         )
         failed = CounterMetricFamily(
-            "distributor_send_failures", "Failed send attempts (retried) per analyzer", labels=["analyzer"]
+            "distributor_send_failures", "Failed send attempts per analyzer", labels=["analyzer"]
+        )
+        retries = CounterMetricFamily("distributor_send_retries", "Retries within the budget", labels=["analyzer"])
+        failovers = CounterMetricFamily(
+            "distributor_failover_packets", "Packets moved away from an analyzer", labels=["analyzer"]
+        )
+        duplicates = CounterMetricFamily(
+            "distributor_possible_duplicate_packets",
+            "Packets failed over after a timeout: the analyzer may have taken them too", labels=["analyzer"],
+        )
+        ejections = CounterMetricFamily("distributor_analyzer_ejections", "Passive ejections", labels=["analyzer"])
+        up = GaugeMetricFamily("distributor_analyzer_up", "1 when the analyzer takes traffic", labels=["analyzer"])
+        state = GaugeMetricFamily("distributor_analyzer_state", "1 for the current state", labels=["analyzer", "state"])
+        backoff = GaugeMetricFamily(
+            "distributor_analyzer_backoff_seconds", "Current readmission backoff", labels=["analyzer"]
+        )
+        capacity = GaugeMetricFamily(
+            "distributor_queue_capacity_packets", "Queue limit summed over workers", labels=["analyzer"]
+        )
+        effective = GaugeMetricFamily(
+            "distributor_analyzer_effective_weight", "Weight after slow start and saturation", labels=["analyzer"]
         )
         depth = GaugeMetricFamily("distributor_queue_depth", "Queued + in-flight packets", labels=["analyzer"])
         depth_bytes = GaugeMetricFamily("distributor_queue_bytes", "Queued + in-flight bytes", labels=["analyzer"])
@@ -75,12 +101,23 @@ class TableCollector(Collector):
             for outcome in ("routed", "delivered", "rejected"):
                 analyzer_packets.add_metric([name, outcome], a[f"{outcome}_packets"])
             failed.add_metric([name], a["failed_attempts"])
+            retries.add_metric([name], a["retries"])
+            failovers.add_metric([name], a["failover_packets"])
+            duplicates.add_metric([name], a["possible_duplicates"])
+            ejections.add_metric([name], a.get("ejections", 0))
+            up.add_metric([name], 1.0 if a["effective_weight"] > 0 else 0.0)
+            for candidate in ANALYZER_STATES:
+                state.add_metric([name, candidate], 1.0 if a["state"] == candidate else 0.0)
+            backoff.add_metric([name], a.get("backoff_s", 0.0))
+            capacity.add_metric([name], a["queue_capacity_packets"])
+            effective.add_metric([name], a["effective_weight"])
             depth.add_metric([name], a["queue_packets"])
             depth_bytes.add_metric([name], a["queue_bytes"])
             weight.add_metric([name], a["weight"])
             target.add_metric([name], a["target_share"])
             share.add_metric([name], a["share"])
-        yield from (messages, analyzer_packets, failed, depth, depth_bytes, weight, target, share)
+        yield from (messages, analyzer_packets, failed, retries, failovers, duplicates, ejections, up, state, backoff,
+                    capacity, effective, depth, depth_bytes, weight, target, share)
 
         memory = GaugeMetricFamily("distributor_worker_memory_bytes", "Worker memory", labels=["worker", "kind"])
         cpu = CounterMetricFamily("distributor_worker_cpu_seconds", "Worker CPU time", labels=["worker"])
@@ -109,6 +146,9 @@ class TableCollector(Collector):
         )
         recycles.add_metric([], self._recycles())
         yield recycles
+        limit = GaugeMetricFamily("distributor_worker_memory_limit_bytes", "max_worker_memory_mb in bytes (0 = off)")
+        limit.add_metric([], self._memory_limit())
+        yield limit
         buckets, total = self._latency()
         latency = HistogramMetricFamily(
             "distributor_ingest_latency_seconds", "Time in the ingest handler: parse, validate, route, enqueue"

@@ -15,7 +15,12 @@ in property tests (tests/test_routing.py) that stays within about one ``n_max``.
 A full queue only narrows the candidates: the packet spills to the next best
 analyzer with room.
 
-Epochs: whenever the analyzer set or a weight changes, the supervisor records
+Only routable analyzers (active, warming, saturated) take part, with their
+*effective* weights (slow start and saturation scale the configured weight),
+renormalised among themselves. Routed totals are *net*: a packet that fails
+over from A to B counts for B only.
+
+Epochs: whenever the analyzer set or an effective weight changes, the supervisor records
 every analyzer's global routed total as its baseline, so the split follows the
 new weights from that moment on, with no catch-up burst toward an analyzer that
 was missing.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from distributor.shared_table import ACTIVE, C_ROUTED_MESSAGES, AnalyzerRow, SharedTable
+from distributor.shared_table import C_NET_ROUTED_MESSAGES, AnalyzerRow, SharedTable
 
 NO_ANALYZER = -1
 
@@ -80,19 +85,19 @@ class Router:
     def set_analyzers(self, generation: int, rows: Sequence[AnalyzerRow]) -> None:
         """Adopt a new analyzer set / epoch (from SharedTable.read_analyzers)."""
         self.generation = generation
-        active = [row for row in rows if row.state == ACTIVE]
-        total_weight = sum(row.weight for row in active)
+        active = [row for row in rows if row.routable]
+        total_weight = sum(row.effective_weight for row in active)
         self.slots = [row.slot for row in active]
-        self._weights = [row.weight / total_weight for row in active]
+        self._weights = [row.effective_weight / total_weight for row in active]
         self._base = [row.base_messages for row in active]
-        self._own = [self._table.counter_index(self._worker, row.slot, C_ROUTED_MESSAGES) for row in active]
+        self._own = [self._table.counter_index(self._worker, row.slot, C_NET_ROUTED_MESSAGES) for row in active]
         self._next_refresh = 0.0
 
     def refresh(self) -> None:
         """Re-read the other workers' totals; hand a new analyzer generation to the owner first."""
         if self._table.generation != self.generation:
             self._on_new_generation()
-        totals = self._table.global_counters(C_ROUTED_MESSAGES, exclude_worker=self._worker)
+        totals = self._table.global_counters(C_NET_ROUTED_MESSAGES, exclude_worker=self._worker)
         self._others = [totals[slot] for slot in self.slots]
         self._next_refresh = time.monotonic() + self._refresh_interval
 
@@ -106,6 +111,8 @@ class Router:
         ints = self._ints
         routed = [o + ints[i] - b for o, i, b in zip(self._others, self._own, self._base)]
         slots = self.slots
+        if not slots:
+            return NO_ANALYZER
         index = pick(routed, self._weights, messages, lambda i: has_room(slots[i]))
         return NO_ANALYZER if index == NO_ANALYZER else slots[index]
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from typing import Protocol
 
 import aiohttp
 
-from distributor.config import SenderConfig
+from distributor.config import OutlierConfig, SenderConfig
 from distributor.shared_table import (
     C_DELIVERED_MESSAGES,
     C_DELIVERED_PACKETS,
@@ -28,6 +29,7 @@ from distributor.shared_table import (
     C_QUEUE_PACKETS,
     C_REJECTED_MESSAGES,
     C_REJECTED_PACKETS,
+    C_RETRIES,
     C_SHUTDOWN_DROPPED_MESSAGES,
     C_SHUTDOWN_DROPPED_PACKETS,
 )
@@ -35,6 +37,8 @@ from distributor.shared_table import (
 log = logging.getLogger("distributor.sender")
 
 Packet = tuple[bytes, int]  # (raw bytes as received, message count)
+RETRY_BUDGET_FLOOR = 3  # retries always allowed on a quiet sender
+RETRY_BUDGET_CAP = 10
 
 
 class Counters(Protocol):
@@ -44,12 +48,25 @@ class Counters(Protocol):
     def __setitem__(self, index: int, value: int) -> None: ...
 
 
+class QueueTotals:
+    """What all of a worker's queues hold together; the basis of overload shedding and drain rate."""
+
+    __slots__ = ("bytes", "delivered_bytes")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.delivered_bytes = 0  # cumulative: the drain rate is its derivative
+
+
 class PacketQueue:
     """Bounded FIFO of raw packets for one analyzer in one worker."""
 
-    __slots__ = ("max_packets", "max_bytes", "items", "packets", "bytes", "messages", "_counters", "_cell")
+    __slots__ = ("max_packets", "max_bytes", "items", "packets", "bytes", "messages", "available", "totals",
+                 "_counters", "_cell")
 
-    def __init__(self, max_packets: int, max_bytes: int, counters: Counters, cell: int) -> None:
+    def __init__(self, max_packets: int, max_bytes: int, counters: Counters, cell: int, totals: "QueueTotals") -> None:
+        self.available = True  # False while the analyzer is down/ejected for this worker
+        self.totals = totals
         self.max_packets = max_packets
         self.max_bytes = max_bytes
         self.items: deque[Packet] = deque()
@@ -60,7 +77,7 @@ class PacketQueue:
         self._cell = cell
 
     def has_room(self, size: int) -> bool:
-        return self.packets < self.max_packets and self.bytes + size <= self.max_bytes
+        return self.available and self.packets < self.max_packets and self.bytes + size <= self.max_bytes
 
     def put(self, raw: bytes, messages: int) -> None:
         self.items.append((raw, messages))
@@ -80,6 +97,18 @@ class PacketQueue:
     def release(self, batch: list[Packet]) -> None:
         self._account(-len(batch), -sum(len(raw) for raw, _ in batch), -sum(n for _, n in batch))
 
+    def take_all(self) -> list[Packet]:
+        """Every queued (not in-flight) packet, off the books: the caller re-routes or puts them back."""
+        packets = list(self.items)
+        self.items.clear()
+        self.release(packets)
+        return packets
+
+    def put_back(self, packets: list[Packet]) -> None:
+        """Return packets to the head of the queue, in order (nothing else could take them)."""
+        self.items.extendleft(reversed(packets))
+        self._account(len(packets), sum(len(raw) for raw, _ in packets), sum(n for _, n in packets))
+
     def discard_all(self) -> None:
         """Forget every queued and in-flight packet (after the caller counted them as dropped)."""
         self.items.clear()
@@ -89,45 +118,71 @@ class PacketQueue:
         self.packets += packets
         self.bytes += size
         self.messages += messages
+        self.totals.bytes += size
         counters, cell = self._counters, self._cell
         counters[cell + C_QUEUE_PACKETS] = self.packets
         counters[cell + C_QUEUE_BYTES] = self.bytes
         counters[cell + C_QUEUE_MESSAGES] = self.messages
 
 
+class FailoverHost(Protocol):
+    """The worker, as seen by a sender: where failing batches go and who ejects."""
+
+    def fail_over(self, slot: int, packets: list[Packet], ambiguous: bool) -> list[Packet]:
+        """Re-route packets away from ``slot``; return those no other analyzer could take."""
+        ...
+
+    def eject(self, slot: int) -> None: ...
+
+
 class AnalyzerSender:
-    """Ships one analyzer's queue with up to ``max_inflight`` concurrent requests."""
+    """Ships one analyzer's queue with up to ``max_inflight`` concurrent requests.
+
+    A failed send is retried here while the analyzer stays available and the
+    retry budget (``outlier.retry_budget`` retries per first attempt, like
+    Finagle's) allows; otherwise the batch fails over to other analyzers.
+    ``outlier.consecutive_failures`` failures in a row eject the analyzer.
+    """
 
     def __init__(
         self,
+        slot: int,
         name: str,
         url: str,
         mode: str,
         queue: PacketQueue,
         config: SenderConfig,
+        outlier: OutlierConfig,
         session: aiohttp.ClientSession,
         counters: Counters,
         cell: int,
+        host: FailoverHost,
     ) -> None:
+        self.slot = slot
         self.name = name
         self.url = url.rstrip("/")
         self.mode = mode
         self.queue = queue
         self._config = config
+        self._outlier = outlier
         self._session = session
         self._counters = counters
         self._cell = cell
+        self._host = host
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._inflight = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self.consecutive_failures = 0
+        self._retry_tokens = float(RETRY_BUDGET_FLOOR)
+        self._log = RateLimitedLog(log, f"analyzer {name}")
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._config.max_inflight)]
 
     def notify(self) -> None:
-        """Called after ``queue.put``: wake a sender loop."""
+        """Called after ``queue.put`` or when the analyzer becomes available: wake a sender loop."""
         self._idle.clear()
         self._wakeup.set()
 
@@ -154,21 +209,54 @@ class AnalyzerSender:
         queue = self.queue
         config = self._config
         while True:
-            while not queue.items:
-                if self._inflight == 0:
+            while not queue.items or not queue.available:
+                if self._inflight == 0 and not queue.items:
                     self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = queue.take(config.batch_max_packets if self.mode == "batch" else 1, config.batch_max_bytes)
             self._inflight += 1
             try:
-                await self._deliver(batch, sum(n for _, n in batch))
+                await self._deliver(batch)
             finally:
                 self._inflight -= 1
             queue.release(batch)
 
-    async def _deliver(self, batch: list[Packet], messages: int) -> None:
-        """Send until the analyzer answers 2xx or rejects it; retries back off with jitter."""
+    async def _deliver(self, batch: list[Packet]) -> None:
+        """Send until delivered, rejected, or failed over; retries back off with jitter."""
+        backoff = self._config.retry_initial_backoff
+        counters, cell = self._counters, self._cell
+        self._retry_tokens = min(RETRY_BUDGET_CAP, self._retry_tokens + self._outlier.retry_budget)
+        while True:
+            status, retry_after, ambiguous = await self._post(batch)
+            if 200 <= status < 300:
+                self.consecutive_failures = 0
+                counters[cell + C_DELIVERED_PACKETS] += len(batch)
+                counters[cell + C_DELIVERED_MESSAGES] += sum(n for _, n in batch)
+                self.queue.totals.delivered_bytes += sum(len(raw) for raw, _ in batch)
+                return
+            if 400 <= status < 500 and status not in (408, 429):
+                self.consecutive_failures = 0
+                counters[cell + C_REJECTED_PACKETS] += len(batch)
+                counters[cell + C_REJECTED_MESSAGES] += sum(n for _, n in batch)
+                log.error("analyzer %s rejected %d packets with HTTP %d", self.name, len(batch), status)
+                return
+            counters[cell + C_FAILED_ATTEMPTS] += 1
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self._outlier.consecutive_failures:
+                self._host.eject(self.slot)
+            if not self.queue.available or self._retry_tokens < 1:
+                batch = self._host.fail_over(self.slot, batch, ambiguous)
+                if not batch:
+                    return
+            else:
+                self._retry_tokens -= 1
+                counters[cell + C_RETRIES] += 1
+            await asyncio.sleep(_retry_delay(backoff, retry_after))
+            backoff = min(backoff * 2, self._config.retry_max_backoff)
+
+    async def _post(self, batch: list[Packet]) -> tuple[int, str | None, bool]:
+        """(status or 0, Retry-After, whether the analyzer may have taken it despite the failure)."""
         if self.mode == "batch":
             url = self.url + "/ingest/batch"
             body = b"\n".join(raw if b"\n" not in raw else raw.replace(b"\n", b" ") for raw, _ in batch)
@@ -177,30 +265,40 @@ class AnalyzerSender:
             url = self.url + "/ingest"
             body = batch[0][0]
             headers = {"Content-Type": "application/json"}
-        backoff = self._config.retry_initial_backoff
-        counters, cell = self._counters, self._cell
-        while True:
-            retry_after = None
-            try:
-                async with self._session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    status = response.status
-                    retry_after = response.headers.get("Retry-After")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                status = 0
-                log.warning("analyzer %s: send failed: %s", self.name, exc.__class__.__name__)
-            if 200 <= status < 300:
-                counters[cell + C_DELIVERED_PACKETS] += len(batch)
-                counters[cell + C_DELIVERED_MESSAGES] += messages
-                return
-            if 400 <= status < 500 and status not in (408, 429):
-                counters[cell + C_REJECTED_PACKETS] += len(batch)
-                counters[cell + C_REJECTED_MESSAGES] += messages
-                log.error("analyzer %s rejected %d packets with HTTP %d", self.name, len(batch), status)
-                return
-            counters[cell + C_FAILED_ATTEMPTS] += 1
-            await asyncio.sleep(_retry_delay(backoff, retry_after))
-            backoff = min(backoff * 2, self._config.retry_max_backoff)
+        try:
+            async with self._session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                return response.status, response.headers.get("Retry-After"), False
+        except asyncio.TimeoutError:
+            self._log.warning("send timed out")
+            return 0, None, True
+        except aiohttp.ServerDisconnectedError:
+            self._log.warning("connection dropped before the answer")
+            return 0, None, True
+        except (aiohttp.ClientError, OSError) as exc:
+            self._log.warning(f"send failed: {exc.__class__.__name__}")
+            return 0, None, False
+
+
+class RateLimitedLog:
+    """At most one line per ``interval`` per source, with a count of what was suppressed (no log floods)."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, interval: float = 1.0) -> None:
+        self._logger = logger
+        self._prefix = prefix
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        extra = f" ({self._suppressed} more suppressed)" if self._suppressed else ""
+        self._logger.warning("%s: %s%s", self._prefix, message, extra)
+        self._suppressed = 0
+        self._next = now + self._interval
 
 
 def _retry_delay(backoff: float, retry_after: str | None) -> float:

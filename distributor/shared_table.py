@@ -28,7 +28,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
@@ -36,20 +35,29 @@ MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
 LAYOUT_VERSION = 2
 
 # header cells
-H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED = range(7)
+H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
 HEADER_CELLS = 16
 
 # analyzer row cells
-A_STATE, A_WEIGHT, A_MODE, A_BASE_MESSAGES, A_NAME_LEN, A_URL_LEN = range(6)
+A_STATE, A_WEIGHT, A_MODE, A_BASE_MESSAGES, A_NAME_LEN, A_URL_LEN, A_EFFECTIVE_WEIGHT, A_ADMISSIONS = range(8)
 A_NAME = 8
 NAME_CELLS = 8  # 64 bytes
 A_URL = A_NAME + NAME_CELLS
 URL_CELLS = 32  # 256 bytes
 ANALYZER_CELLS = A_URL + URL_CELLS
 
-# analyzer states
-EMPTY, ACTIVE, REMOVED = 0, 1, 2
-STATE_NAMES = {EMPTY: "empty", ACTIVE: "active", REMOVED: "removed"}
+# analyzer states; the routable ones share traffic by effective weight
+EMPTY, ACTIVE, REMOVED, DOWN, EJECTED, WARMING, SATURATED = range(7)
+STATE_NAMES = {
+    EMPTY: "empty",
+    ACTIVE: "active",
+    REMOVED: "removed",
+    DOWN: "down",
+    EJECTED: "ejected",
+    WARMING: "warming",
+    SATURATED: "saturated",
+}
+ROUTABLE = frozenset((ACTIVE, WARMING, SATURATED))
 MODE_CODES = {"batch": 0, "packet": 1}
 MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
 
@@ -76,7 +84,9 @@ MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
     W_HTTP_HEADER_TIMEOUTS,
     W_HTTP_BODY_TIMEOUTS,
     W_HTTP_IDLE_CLOSED,
-) = range(21)
+    W_SHED,
+    W_RATE_LIMITED,
+) = range(23)
 # HttpStats attribute -> worker cell, copied by the worker's heartbeat
 HTTP_STAT_CELLS = {
     "connections_total": W_CONNECTIONS_TOTAL,
@@ -89,7 +99,7 @@ HTTP_STAT_CELLS = {
 }
 # ingest handler latency histogram: one cell per upper bound, the last is +Inf
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, float("inf"))
-W_LATENCY_BUCKETS = 21
+W_LATENCY_BUCKETS = 23
 WORKER_HEAD_CELLS = W_LATENCY_BUCKETS + len(LATENCY_BUCKETS)
 # worker states
 W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3
@@ -110,8 +120,14 @@ W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3
     C_QUEUE_MESSAGES,
     C_LOST_PACKETS,
     C_LOST_MESSAGES,
-) = range(14)
-COUNTER_CELLS = 14
+    C_NET_ROUTED_MESSAGES,
+    C_FAILOVER_PACKETS,
+    C_FAILOVER_MESSAGES,
+    C_RETRIES,
+    C_EJECTION_REPORTS,
+    C_POSSIBLE_DUPLICATES,
+) = range(20)
+COUNTER_CELLS = 20
 COUNTER_NAMES = (
     "routed_messages",
     "routed_packets",
@@ -127,7 +143,14 @@ COUNTER_NAMES = (
     "queue_messages",
     "lost_packets",
     "lost_messages",
+    "net_routed_messages",
+    "failover_packets",
+    "failover_messages",
+    "retries",
+    "ejection_reports",
+    "possible_duplicates",
 )
+RL_CELLS = 3  # per rate-limit slot in a worker's region: window id, count in it, count in the previous one
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +162,12 @@ class AnalyzerRow:
     mode: str
     state: int
     base_messages: int
+    effective_weight: float
+    admissions: int
+
+    @property
+    def routable(self) -> bool:
+        return self.state in ROUTABLE and self.effective_weight > 0
 
 
 class SharedTable:
@@ -155,15 +184,17 @@ class SharedTable:
         self.max_analyzers = self.ints[H_MAX_ANALYZERS]
         self.max_workers = self.ints[H_MAX_WORKERS]
         self.worker_cells = WORKER_HEAD_CELLS + self.max_analyzers * COUNTER_CELLS
+        self.rl_slots = self.ints[H_RL_SLOTS]
+        self._rl_base = HEADER_CELLS + self.max_analyzers * ANALYZER_CELLS + self.max_workers * self.worker_cells
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, max_workers: int, max_analyzers: int = 64) -> "SharedTable":
+    def create(cls, max_workers: int, max_analyzers: int = 64, rate_limit_slots: int = 0) -> "SharedTable":
         remove_stale_segments()
         path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         cells = HEADER_CELLS + max_analyzers * ANALYZER_CELLS + max_workers * (
-            WORKER_HEAD_CELLS + max_analyzers * COUNTER_CELLS
+            WORKER_HEAD_CELLS + max_analyzers * COUNTER_CELLS + rate_limit_slots * RL_CELLS
         )
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -178,6 +209,7 @@ class SharedTable:
         header[H_MAX_WORKERS] = max_workers
         header[H_SUPERVISOR_PID] = os.getpid()
         header[H_CREATED] = int(time.time())
+        header[H_RL_SLOTS] = rate_limit_slots
         header.release()
         return cls(path, mm, owner=True)
 
@@ -218,12 +250,12 @@ class SharedTable:
     def end_update(self) -> None:
         self.ints[H_GENERATION] += 1
 
-    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str, state: int) -> None:
+    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str) -> None:
+        """An analyzer's definition (supervisor only; inside begin/end_update, followed by set_effective)."""
         base = self._arow(slot)
         name_b, url_b = name.encode(), url.encode()
         if len(name_b) > NAME_CELLS * 8 or len(url_b) > URL_CELLS * 8:
             raise ValueError(f"analyzer {name!r}: name or url too long for the shared table")
-        self.ints[base + A_STATE] = state
         self.floats[base + A_WEIGHT] = weight
         self.ints[base + A_MODE] = MODE_CODES[mode]
         self.ints[base + A_NAME_LEN] = len(name_b)
@@ -232,11 +264,12 @@ class SharedTable:
         self._mm[start + A_NAME * 8 : start + A_NAME * 8 + len(name_b)] = name_b
         self._mm[start + A_URL * 8 : start + A_URL * 8 + len(url_b)] = url_b
 
-    def set_analyzer_state(self, slot: int, state: int) -> None:
-        self.ints[self._arow(slot) + A_STATE] = state
-
-    def set_weight(self, slot: int, weight: float) -> None:
-        self.floats[self._arow(slot) + A_WEIGHT] = weight
+    def set_effective(self, slot: int, state: int, effective_weight: float, admissions: int) -> None:
+        """Health outcome of one analyzer (supervisor only; inside begin/end_update)."""
+        base = self._arow(slot)
+        self.ints[base + A_STATE] = state
+        self.floats[base + A_EFFECTIVE_WEIGHT] = effective_weight
+        self.ints[base + A_ADMISSIONS] = admissions
 
     def start_epoch(self) -> None:
         """Rebase routing: from now on every analyzer starts from equal footing.
@@ -244,7 +277,7 @@ class SharedTable:
         Called (inside begin/end_update) whenever weights or the analyzer set change, so the
         split follows the new weights from that moment with no catch-up burst.
         """
-        totals = self.global_counters(C_ROUTED_MESSAGES)
+        totals = self.global_counters(C_NET_ROUTED_MESSAGES)
         for slot in range(self.max_analyzers):
             self.ints[self._arow(slot) + A_BASE_MESSAGES] = totals[slot]
 
@@ -273,6 +306,8 @@ class SharedTable:
             mode=MODE_NAMES[self.ints[base + A_MODE]],
             state=state,
             base_messages=self.ints[base + A_BASE_MESSAGES],
+            effective_weight=self.floats[base + A_EFFECTIVE_WEIGHT],
+            admissions=self.ints[base + A_ADMISSIONS],
         )
 
     # --- worker rows (each worker writes its own) ---------------------------------------------
@@ -299,8 +334,9 @@ class SharedTable:
             totals = [a + b for a, b in zip(totals, column)]
         return totals
 
-    def worker_slots(self) -> Iterator[int]:
-        return iter(range(self.max_workers))
+    def rate_limit_base(self, worker: int) -> int:
+        """First cell of a worker's rate-limit region (RL_CELLS per slot)."""
+        return self._rl_base + worker * self.rl_slots * RL_CELLS
 
 
 def remove_stale_segments() -> list[Path]:

@@ -21,10 +21,9 @@ from typing import Callable
 import orjson
 import psutil
 
+from distributor.analyzer_set import AnalyzerSet
 from distributor.config import Config, ConfigError
 from distributor.shared_table import (
-    ACTIVE,
-    REMOVED,
     W_HEARTBEAT,
     W_PID,
     W_READY,
@@ -58,9 +57,9 @@ class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
-        self.table = SharedTable.create(max_workers=config.workers)
+        self.table = SharedTable.create(max_workers=config.workers, rate_limit_slots=config.rate_limit.slots)
         self.workers = [WorkerHandle(slot) for slot in range(config.workers)]
-        self.analyzer_slots: dict[str, int] = {}
+        self.analyzers = AnalyzerSet(self.table, config)
         self.started_at = time.time()
         self.restarts_total = 0
         self.memory_recycles = 0
@@ -68,30 +67,6 @@ class Supervisor:
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._stopping = False
         self._exit_code = 0
-        self.install_analyzers(config)
-
-    # --- analyzers in the table -----------------------------------------------------------------
-
-    def install_analyzers(self, config: Config) -> None:
-        """Write the analyzer rows; names keep their slot across reloads so counters persist."""
-        table = self.table
-        table.begin_update()
-        try:
-            wanted = {a.name for a in config.analyzers}
-            for name, slot in self.analyzer_slots.items():
-                if name not in wanted:
-                    table.set_analyzer_state(slot, REMOVED)
-            for analyzer in config.analyzers:
-                slot = self.analyzer_slots.get(analyzer.name)
-                if slot is None:
-                    slot = len(self.analyzer_slots)
-                    if slot >= table.max_analyzers:
-                        raise ConfigError(f"analyzers: at most {table.max_analyzers} analyzers per run")
-                    self.analyzer_slots[analyzer.name] = slot
-                table.write_analyzer(slot, analyzer.name, analyzer.url, analyzer.weight, analyzer.mode, ACTIVE)
-            table.start_epoch()
-        finally:
-            table.end_update()
 
     # --- worker processes ---------------------------------------------------------------------
 
@@ -194,7 +169,11 @@ class Supervisor:
             return
         if new.workers != self.config.workers or new.listen != self.config.listen:
             log.warning("reload: workers and listen take effect at the next start only")
-        self.install_analyzers(new)
+        try:
+            self.analyzers.install(new)
+        except ConfigError as exc:
+            log.error("reload rejected: %s", exc)
+            return
         self.config = replace(new, workers=self.config.workers, listen=self.config.listen)
         log.info("reloaded: %s", ", ".join(f"{a.name}@{a.weight:g}" for a in new.analyzers))
 
@@ -204,6 +183,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         for handle in self.workers:
             self.spawn(handle)
+        checks = asyncio.create_task(self.analyzers.check_forever())
         announced = False
         try:
             while not self._stopping:
@@ -219,11 +199,14 @@ class Supervisor:
                 self.reap()
                 self.watch()
                 self.check_memory()
+                self.analyzers.collect_ejections()
+                self.analyzers.publish()
                 if not announced and self.all_ready():
                     announced = True
                     log.info("%d workers ready on %s", len(self.workers), self.config.listen)
                     if on_ready:
                         on_ready()
+            checks.cancel()
             await self.stop_workers()
         finally:
             self.kill_workers()

@@ -12,7 +12,7 @@ import random
 import time
 
 from distributor.routing import Router
-from distributor.shared_table import ACTIVE, C_ROUTED_MESSAGES, SharedTable
+from distributor.shared_table import ACTIVE, C_NET_ROUTED_MESSAGES, SharedTable
 
 
 def measure(workers: int, analyzers: int, packets: int, refresh_interval: float) -> dict[str, float]:
@@ -20,17 +20,18 @@ def measure(workers: int, analyzers: int, packets: int, refresh_interval: float)
     try:
         table.begin_update()
         for slot in range(analyzers):
-            table.write_analyzer(slot, f"a{slot}", f"http://127.0.0.1:{9000 + slot}", slot + 1.0, "batch", ACTIVE)
+            table.write_analyzer(slot, f"a{slot}", f"http://127.0.0.1:{9000 + slot}", slot + 1.0, "batch")
+            table.set_effective(slot, ACTIVE, slot + 1.0, 0)
         table.start_epoch()
         table.end_update()
         for worker in range(1, workers):
             for slot in range(analyzers):
-                table.ints[table.counter_index(worker, slot, C_ROUTED_MESSAGES)] = random.randrange(10**6)
+                table.ints[table.counter_index(worker, slot, C_NET_ROUTED_MESSAGES)] = random.randrange(10**6)
         router = Router(table, 0, refresh_interval)
         router.set_analyzers(*table.read_analyzers())
         sizes = [random.choice((5, 20)) for _ in range(packets)]
         ints = table.ints
-        cells = [table.counter_index(0, slot, C_ROUTED_MESSAGES) for slot in range(analyzers)]
+        cells = [table.counter_index(0, slot, C_NET_ROUTED_MESSAGES) for slot in range(analyzers)]
         room = lambda slot: True  # noqa: E731
         start = time.perf_counter()
         for n in sizes:

@@ -9,7 +9,7 @@ import sys
 from distributor.routing import Router
 from distributor.shared_table import (
     ACTIVE,
-    C_ROUTED_MESSAGES,
+    C_NET_ROUTED_MESSAGES,
     NAME_PREFIX,
     REMOVED,
     SHM_DIR,
@@ -22,17 +22,19 @@ def test_create_attach_and_unlink() -> None:
     table = SharedTable.create(max_workers=2, max_analyzers=4)
     try:
         table.begin_update()
-        table.write_analyzer(0, "a1", "http://127.0.0.1:9001", 0.4, "batch", ACTIVE)
-        table.write_analyzer(1, "a2", "http://127.0.0.1:9002", 0.6, "packet", ACTIVE)
+        table.write_analyzer(0, "a1", "http://127.0.0.1:9001", 0.4, "batch")
+        table.set_effective(0, ACTIVE, 0.4, 0)
+        table.write_analyzer(1, "a2", "http://127.0.0.1:9002", 0.6, "packet")
+        table.set_effective(1, ACTIVE, 0.6, 0)
         table.end_update()
         other = SharedTable.attach(table.name)
         generation, rows = other.read_analyzers()
         assert generation == 2
         assert [(r.name, r.url, r.weight, r.mode) for r in rows] == [
             ("a1", "http://127.0.0.1:9001", 0.4, "batch"), ("a2", "http://127.0.0.1:9002", 0.6, "packet")]
-        other.ints[other.counter_index(1, 1, C_ROUTED_MESSAGES)] += 7
-        assert table.global_counters(C_ROUTED_MESSAGES)[:2] == [0, 7]
-        assert table.global_counters(C_ROUTED_MESSAGES, exclude_worker=1)[:2] == [0, 0]
+        other.ints[other.counter_index(1, 1, C_NET_ROUTED_MESSAGES)] += 7
+        assert table.global_counters(C_NET_ROUTED_MESSAGES)[:2] == [0, 7]
+        assert table.global_counters(C_NET_ROUTED_MESSAGES, exclude_worker=1)[:2] == [0, 0]
         other.close()
         assert table.path.exists(), "a worker closing its mapping must not unlink the segment"
     finally:
@@ -45,27 +47,29 @@ def test_epoch_rebases_routing_without_catch_up() -> None:
     table = SharedTable.create(max_workers=1, max_analyzers=4)
     try:
         table.begin_update()
-        table.write_analyzer(0, "a1", "http://127.0.0.1:1", 1.0, "batch", ACTIVE)
+        table.write_analyzer(0, "a1", "http://127.0.0.1:1", 1.0, "batch")
+        table.set_effective(0, ACTIVE, 1.0, 0)
         table.start_epoch()
         table.end_update()
         router = Router(table, 0, refresh_interval=0.001)
         router.set_analyzers(*table.read_analyzers())
-        cell = table.counter_index(0, 0, C_ROUTED_MESSAGES)
+        cell = table.counter_index(0, 0, C_NET_ROUTED_MESSAGES)
         table.ints[cell] += 10_000  # a1 took everything so far
         table.begin_update()
-        table.write_analyzer(1, "a2", "http://127.0.0.1:2", 1.0, "batch", ACTIVE)
+        table.write_analyzer(1, "a2", "http://127.0.0.1:2", 1.0, "batch")
+        table.set_effective(1, ACTIVE, 1.0, 0)
         table.start_epoch()
         table.end_update()
         router.set_analyzers(*table.read_analyzers())
         picks = []
         for _ in range(100):
             slot = router.choose(10, lambda s: True)
-            table.ints[table.counter_index(0, slot, C_ROUTED_MESSAGES)] += 10
+            table.ints[table.counter_index(0, slot, C_NET_ROUTED_MESSAGES)] += 10
             picks.append(slot)
         assert picks.count(0) == 50 and picks.count(1) == 50
         assert set(picks[:4]) == {0, 1}, "the newcomer must not take a catch-up run"
         table.begin_update()
-        table.set_analyzer_state(0, REMOVED)
+        table.set_effective(0, REMOVED, 0.0, 0)
         table.start_epoch()
         table.end_update()
         router.set_analyzers(*table.read_analyzers())

@@ -25,10 +25,14 @@ import uvloop
 from distributor.config import Config, from_dict
 from distributor.http11 import HttpLimits, HttpServer, HttpStats
 from distributor.ingest import IngestApp
-from distributor.routing import Router
-from distributor.sender import AnalyzerSender, PacketQueue
+from distributor.routing import NO_ANALYZER, Router
+from distributor.sender import AnalyzerSender, Packet, PacketQueue
 from distributor.shared_table import (
-    ACTIVE,
+    C_EJECTION_REPORTS,
+    C_FAILOVER_MESSAGES,
+    C_FAILOVER_PACKETS,
+    C_NET_ROUTED_MESSAGES,
+    C_POSSIBLE_DUPLICATES,
     HTTP_STAT_CELLS,
     C_LOST_MESSAGES,
     C_LOST_PACKETS,
@@ -77,7 +81,9 @@ class IngestWorker:
         self.floats = table.floats
         self.row = table.worker_base(slot)
         self.router = Router(table, slot, config.routing_refresh_interval, self.apply_analyzers)
-        self.app = IngestApp(config.ingest, self.router, table, slot)
+        self.app = IngestApp(config, self.router, table, slot)
+        self.ejected_at: dict[int, int] = {}  # analyzer slot -> its admissions count when this worker ejected it
+        self.admissions: dict[int, int] = {}
         self.http_stats = HttpStats()
         self.parent = os.getppid()
         self.stop = asyncio.Event()
@@ -98,26 +104,95 @@ class IngestWorker:
                 self.ints[cell + queue_cell] = 0
 
     def apply_analyzers(self) -> None:
-        """Adopt the table's analyzer set and epoch; new analyzers get a queue and a sender."""
+        """Adopt the table's analyzer set, states and epoch.
+
+        New analyzers get a queue and a sender; an analyzer that stopped being routable has its
+        queued packets failed over; one readmitted by the supervisor since this worker ejected it
+        is usable again.
+        """
         generation, rows = self.table.read_analyzers()
         assert self.session is not None
+        app = self.app
         for row in rows:
-            if row.state == ACTIVE and self.app.queues[row.slot] is None:
+            if row.slot in self.ejected_at and row.admissions > self.ejected_at[row.slot]:
+                del self.ejected_at[row.slot]
+            self.admissions[row.slot] = row.admissions
+            queue = app.queues[row.slot]
+            if queue is None:
+                if not row.routable:
+                    continue
                 cell = self.table.counter_index(self.slot, row.slot, 0)
-                queue = PacketQueue(self.config.queue.max_packets, self.config.queue.max_bytes, self.ints, cell)
+                queue = PacketQueue(self.config.queue.max_packets, self.config.queue.max_bytes, self.ints, cell,
+                                    app.totals)
                 sender = AnalyzerSender(
-                    row.name, row.url, row.mode, queue, self.config.sender, self.session, self.ints, cell
+                    row.slot, row.name, row.url, row.mode, queue, self.config.sender, self.config.outlier,
+                    self.session, self.ints, cell, self,
                 )
                 sender.start()
-                self.app.queues[row.slot] = queue
-                self.app.senders[row.slot] = sender
+                app.queues[row.slot] = queue
+                app.senders[row.slot] = sender
+            available = row.routable and row.slot not in self.ejected_at
+            was_available, queue.available = queue.available, available
+            if available and not was_available:
+                app.senders[row.slot].notify()  # type: ignore[union-attr]
         self.router.set_analyzers(generation, rows)
         self.ints[self.row + W_GENERATION] = generation
+        self.fail_over_unavailable()
+
+    # --- FailoverHost: called by senders ------------------------------------------------------
+
+    def eject(self, slot: int) -> None:
+        """Stop using an analyzer in this worker at once and report it; the supervisor ejects it for all."""
+        if slot in self.ejected_at:
+            return
+        self.ejected_at[slot] = self.admissions.get(slot, 0)
+        queue = self.app.queues[slot]
+        assert queue is not None
+        queue.available = False
+        self.ints[self.table.counter_index(self.slot, slot, C_EJECTION_REPORTS)] += 1
+        log.warning("worker %d: ejecting analyzer %s after %d consecutive send failures", self.slot,
+                    self.app.senders[slot].name, self.config.outlier.consecutive_failures)  # type: ignore[union-attr]
+        self.fail_over_queue(slot)
+
+    def fail_over(self, slot: int, packets: list[Packet], ambiguous: bool) -> list[Packet]:
+        """Re-route packets away from ``slot``; counters follow them (net routed moves to the new analyzer)."""
+        app, ints = self.app, self.ints
+        queues = app.queues
+        source = self.table.counter_index(self.slot, slot, 0)
+        leftover: list[Packet] = []
+        for raw, messages in packets:
+            size = len(raw)
+            target = self.router.choose(
+                messages, lambda s: s != slot and queues[s].has_room(size)  # type: ignore[union-attr]
+            )
+            if target == NO_ANALYZER:
+                leftover.append((raw, messages))
+                continue
+            app.enqueue(target, raw, messages)
+            ints[source + C_NET_ROUTED_MESSAGES] -= messages
+            ints[source + C_FAILOVER_PACKETS] += 1
+            ints[source + C_FAILOVER_MESSAGES] += messages
+            if ambiguous:
+                ints[source + C_POSSIBLE_DUPLICATES] += 1
+        return leftover
+
+    def fail_over_unavailable(self) -> None:
+        for slot, queue in enumerate(self.app.queues):
+            if queue is not None and not queue.available and queue.items:
+                self.fail_over_queue(slot)
+
+    def fail_over_queue(self, slot: int) -> None:
+        queue = self.app.queues[slot]
+        assert queue is not None
+        leftover = self.fail_over(slot, queue.take_all(), ambiguous=False)
+        if leftover:
+            queue.put_back(leftover)
 
     async def heartbeat(self) -> None:
         """Stamp liveness from the loop itself, measure loop lag, follow table changes."""
         loop = asyncio.get_running_loop()
         ints, floats, row = self.ints, self.floats, self.row
+        delivered_before = self.app.totals.delivered_bytes
         while not self.stop.is_set():
             expected = loop.time() + HEARTBEAT_INTERVAL
             await asyncio.sleep(HEARTBEAT_INTERVAL)
@@ -130,8 +205,13 @@ class IngestWorker:
             queues = [q for q in self.app.queues if q is not None]
             ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
             ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
+            delivered = self.app.totals.delivered_bytes
+            rate = (delivered - delivered_before) / HEARTBEAT_INTERVAL
+            self.app.drain_rate = rate if self.app.drain_rate == 0 else 0.7 * self.app.drain_rate + 0.3 * rate
+            delivered_before = delivered
             if self.table.generation != self.router.generation:
                 self.apply_analyzers()
+            self.fail_over_unavailable()  # other analyzers may have room now
             if os.getppid() != self.parent:
                 log.error("worker %d: supervisor is gone; shutting down", self.slot)
                 self.stop.set()
