@@ -137,6 +137,7 @@ class LoadSpec:
     priorities: tuple[tuple[str, float], ...] = ()
     honour_retry_after: bool = False
     record_accepted: bool = False
+    emitter_prefix: str = "agent"       # emitter ids are <prefix>-<n>: separate loads, separate emitters
 
 
 @dataclass
@@ -236,7 +237,8 @@ class PacketFactory:
     """
 
     def __init__(self, sizes: tuple[tuple[int, float], ...], emitters: int,
-                 priorities: tuple[tuple[str, float], ...] = (), seed: int | None = None) -> None:
+                 priorities: tuple[tuple[str, float], ...] = (), seed: int | None = None,
+                 emitter_prefix: str = "agent") -> None:
         if not sizes or any(n < 1 or p < 0 for n, p in sizes) or sum(p for _, p in sizes) <= 0:
             raise ValueError(f"bad sizes {sizes!r}: need (messages >= 1, probability >= 0) pairs")
         if emitters < 1:
@@ -245,7 +247,7 @@ class PacketFactory:
         now_ms = int(time.time() * 1000)
         nonce = os.urandom(3).hex().encode()
         self.emitters = emitters
-        self.emitter_ids = [f"agent-{i}" for i in range(emitters)]
+        self.emitter_ids = [f"{emitter_prefix}-{i}" for i in range(emitters)]
         self._prefixes = [b'{"emitter_id":"%s","packet_id":"%s-%s-' % (e.encode(), e.encode(), nonce)
                           for e in self.emitter_ids]
         self.nonce = nonce.decode()
@@ -370,7 +372,7 @@ class _Run:
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self.head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
                      "Content-Type: application/json\r\nContent-Length: ").encode()
-        self.factory = PacketFactory(spec.sizes, spec.emitters, spec.priorities)
+        self.factory = PacketFactory(spec.sizes, spec.emitters, spec.priorities, emitter_prefix=spec.emitter_prefix)
         self.loop = asyncio.get_running_loop()
         self.interval = 1.0 / spec.rate if spec.rate else 0.0
         self.next_slot = 0
