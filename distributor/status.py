@@ -37,12 +37,15 @@ def render(view: dict[str, Any]) -> str:
             f"{w['queued_packets']:>8}{w['queued_bytes'] / MIB:>10.1f}"
         )
     lines.append("")
-    lines.append(f"{'analyzer':<12}{'state':<9}{'weight':>7}{'target':>8}{'actual':>8}{'routed msgs':>13}"
-                 f"{'delivered':>11}{'queue':>7}{'failed':>8}{'rejected':>9}{'dropped':>8}{'lost':>6}")
+    lines.append(f"{'analyzer':<12}{'state':<10}{'weight':>7}{'eff':>6}{'target':>8}{'actual':>8}{'routed msgs':>13}"
+                 f"{'delivered':>11}{'queue':>7}{'failed':>8}{'failover':>9}{'eject':>6}{'backoff':>8}"
+                 f"{'rejected':>9}{'dropped':>8}{'lost':>6}")
     for a in view["analyzers"]:
         lines.append(
-            f"{a['name']:<12}{a['state']:<9}{a['weight']:>7g}{a['target_share'] * 100:>7.1f}%{a['share'] * 100:>7.1f}%"
+            f"{a['name']:<12}{a['state']:<10}{a['weight']:>7g}{a['effective_weight']:>6.2g}"
+            f"{a['target_share'] * 100:>7.1f}%{a['share'] * 100:>7.1f}%"
             f"{a['routed_messages']:>13}{a['delivered_messages']:>11}{a['queue_packets']:>7}{a['failed_attempts']:>8}"
+            f"{a['failover_packets']:>9}{a.get('ejections', 0):>6}{a.get('backoff_s', 0):>7.0f}s"
             f"{a['rejected_packets']:>9}{a['shutdown_dropped_packets']:>8}{a['lost_packets']:>6}"
         )
     return "\n".join(lines)

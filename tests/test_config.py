@@ -23,7 +23,9 @@ def test_example_file_is_valid_and_matches_defaults() -> None:
     defaults = Config()
     assert [a.name for a in config.analyzers] == ["a1", "a2", "a3", "a4"]
     assert config.analyzers[3].mode == "packet"
-    assert (config.ingest, config.queue, config.sender) == (defaults.ingest, defaults.queue, defaults.sender)
+    for section in ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit"):
+        assert getattr(config, section) == getattr(defaults, section), f"[{section}] in distributor.toml"
+    assert config.max_worker_memory_mb == defaults.max_worker_memory_mb
     assert config.listen == defaults.listen and config.admin_listen == defaults.admin_listen
 
 
