@@ -1,4 +1,4 @@
-"""``distributor`` command line: serve, check-config, status, demo."""
+"""``distributor`` command line: serve, check-config, status, admin, demo."""
 
 from __future__ import annotations
 
@@ -103,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distributor.status import add_status_flags, run_status
 
     add_status_flags(status)
+    admin = commands.add_parser("admin", help="drain, undrain, reweight, add or remove an analyzer (admin API)")
+    from distributor.admin_cli import add_admin_flags, run_admin
+
+    add_admin_flags(admin)
     demo = commands.add_parser("demo", help="4 local analyzers + the distributor + emitter load, live table")
     from distributor.demo import add_demo_flags
 
@@ -118,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args)
         if args.command == "status":
             return run_status(args)
+        if args.command == "admin":
+            return run_admin(args)
         from distributor.demo import run_demo
 
         return run_demo(args)

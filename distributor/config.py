@@ -175,6 +175,14 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """Mutating admin endpoints: bearer token (or DISTRIBUTOR_ADMIN_TOKEN) and where API changes persist."""
+
+    token: str = ""       # empty: mutating endpoints answer 403
+    state_file: str = ""  # empty: API changes last until the next reload
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Address = Address("0.0.0.0", 8080)
     admin_listen: Address = Address("127.0.0.1", 9091)
@@ -191,6 +199,7 @@ class Config:
     outlier: OutlierConfig = OutlierConfig()
     overload: OverloadConfig = OverloadConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    admin: AdminConfig = AdminConfig()
 
     def validate(self) -> "Config":
         """Return self, or raise ConfigError naming the first bad field."""
@@ -201,7 +210,7 @@ class Config:
             _check_positive_number("max_worker_memory_mb", self.max_worker_memory_mb)
         for section in SECTIONS:
             for f in fields(getattr(self, section)):
-                if f.name == "overrides":
+                if f.name == "overrides" or f.type in ("str", str):
                     continue
                 _check_field(f"{section}.{f.name}", getattr(getattr(self, section), f.name), f.metadata)
         for name, limit in self.rate_limit.overrides:
@@ -219,7 +228,7 @@ class Config:
             raise ConfigError("analyzers: at least one analyzer is required")
         seen: set[str] = set()
         for i, analyzer in enumerate(self.analyzers):
-            _validate_analyzer(f"analyzers[{i}]", analyzer)
+            validate_analyzer(f"analyzers[{i}]", analyzer)
             if analyzer.name in seen:
                 raise ConfigError(f"analyzers[{i}].name: duplicate analyzer name {analyzer.name!r}")
             seen.add(analyzer.name)
@@ -233,8 +242,14 @@ class Config:
         data["rate_limit"]["overrides"] = {name: dataclasses.asdict(limit) for name, limit in self.rate_limit.overrides}
         return data
 
+    def for_workers(self) -> dict[str, Any]:
+        """to_dict without secrets: workers never need the admin token."""
+        data = self.to_dict()
+        data["admin"]["token"] = ""
+        return data
 
-SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit")
+
+SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit", "admin")
 
 
 def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:
@@ -263,7 +278,7 @@ def _check_positive_number(name: str, value: object) -> None:
         raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
 
 
-def _validate_analyzer(where: str, analyzer: AnalyzerConfig) -> None:
+def validate_analyzer(where: str, analyzer: AnalyzerConfig) -> None:
     if not isinstance(analyzer.name, str) or not analyzer.name or len(analyzer.name) > 64:
         raise ConfigError(f"{where}.name: must be a non-empty string of at most 64 characters")
     if not analyzer.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -386,15 +401,16 @@ def apply_env(config: Config, environ: Mapping[str, str]) -> Config:
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
     section_names = set(SECTIONS)
+    top_names = {f.name for f in fields(Config)} - section_names - {"analyzers"}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "ADMIN_TOKEN":
+        if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX):].lower()
         section = next((s for s in section_names if name.startswith(s + "_")), None)
-        if section:
-            sections.setdefault(section, {})[name[len(section) + 1:]] = value
-        elif name in {f.name for f in fields(Config)} and name != "analyzers":
+        if name in top_names:
             top[name] = value
+        elif section:
+            sections.setdefault(section, {})[name[len(section) + 1:]] = value
     return override(config, top, sections)
 
 

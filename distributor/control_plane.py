@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from distributor.admin_api import AdminApi
 from distributor.metrics import TableCollector
 from distributor.shared_table import (
     COUNTER_NAMES,
@@ -167,6 +168,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def build_app(supervisor: "Supervisor") -> web.Application:
     sampler = WorkerSampler()
+    api = AdminApi(supervisor, lambda name: next((a for a in analyzers_view(supervisor) if a["name"] == name), None))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TableCollector(
         lambda: analyzers_view(supervisor),
@@ -175,6 +177,7 @@ def build_app(supervisor: "Supervisor") -> web.Application:
         lambda: supervisor.memory_recycles,
         lambda: supervisor.config.max_worker_memory_mb * (1 << 20),
         lambda: latency_histogram(supervisor),
+        lambda: dict(api.changes),
     ))
 
     async def health(_: web.Request) -> web.Response:
@@ -202,6 +205,7 @@ def build_app(supervisor: "Supervisor") -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/analyzers", analyzers)
     app.router.add_get("/admin/workers", workers)
+    api.register(app)
     return app
 
 

@@ -80,6 +80,7 @@ class AnalyzerHealth:
     admissions: int = 0
     reports_seen: int = 0
     last_check: str = "not checked yet"
+    draining: bool = False  # an operator's drain: no new packets, queues flush
 
     @property
     def routable(self) -> bool:
@@ -138,7 +139,7 @@ class AnalyzerHealth:
             self.state = SATURATED if self.saturated else ACTIVE
 
     def effective_weight(self, now: float, health: HealthConfig, outlier: OutlierConfig) -> float:
-        if not self.routable:
+        if not self.routable or self.draining:
             return 0.0
         factor = 1.0
         if self.state == WARMING:
@@ -151,6 +152,7 @@ class AnalyzerHealth:
 
     def view(self, now: float) -> dict[str, Any]:
         return {
+            "draining": self.draining,
             "ejections": self.ejections,
             "downs": self.downs,
             "flaps": self.flaps,

@@ -29,7 +29,7 @@ PACKET_OUTCOMES = {
     "shed": "shed_packets",
     "rate_limited": "rate_limited_packets",
 }
-ANALYZER_STATES = ("active", "warming", "saturated", "down", "ejected", "removed")
+ANALYZER_STATES = ("active", "warming", "saturated", "down", "ejected", "draining", "drained", "removed")
 
 
 class TableCollector(Collector):
@@ -43,6 +43,7 @@ class TableCollector(Collector):
         recycles: Callable[[], int],
         memory_limit: Callable[[], float],
         latency: Callable[[], tuple[list[tuple[str, int]], float]],
+        admin_changes: Callable[[], dict[str, int]],
     ) -> None:
         self._analyzers = analyzers
         self._workers = workers
@@ -50,6 +51,7 @@ class TableCollector(Collector):
         self._recycles = recycles
         self._memory_limit = memory_limit
         self._latency = latency
+        self._admin_changes = admin_changes
 
     def collect(self) -> Iterator[Metric]:
         analyzers = self._analyzers()
@@ -155,3 +157,8 @@ class TableCollector(Collector):
         )
         latency.add_metric([], buckets, total)
         yield latency
+        changes = CounterMetricFamily("distributor_admin_changes", "Changes made through the admin API",
+                                      labels=["action"])
+        for action, count in sorted(self._admin_changes().items()):
+            changes.add_metric([action], count)
+        yield changes

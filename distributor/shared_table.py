@@ -47,7 +47,7 @@ URL_CELLS = 32  # 256 bytes
 ANALYZER_CELLS = A_URL + URL_CELLS
 
 # analyzer states; the routable ones share traffic by effective weight
-EMPTY, ACTIVE, REMOVED, DOWN, EJECTED, WARMING, SATURATED = range(7)
+EMPTY, ACTIVE, REMOVED, DOWN, EJECTED, WARMING, SATURATED, DRAINING, DRAINED = range(9)
 STATE_NAMES = {
     EMPTY: "empty",
     ACTIVE: "active",
@@ -56,8 +56,12 @@ STATE_NAMES = {
     EJECTED: "ejected",
     WARMING: "warming",
     SATURATED: "saturated",
+    DRAINING: "draining",
+    DRAINED: "drained",
 }
 ROUTABLE = frozenset((ACTIVE, WARMING, SATURATED))
+# not routable, but their queues keep flushing to them (an operator's drain, not a failure)
+FLUSHING = frozenset((DRAINING, DRAINED))
 MODE_CODES = {"batch": 0, "packet": 1}
 MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
 

@@ -72,7 +72,7 @@ class Supervisor:
 
     def spawn(self, handle: WorkerHandle) -> None:
         env = dict(os.environ)
-        env[CONFIG_ENV] = orjson.dumps(self.config.to_dict()).decode()
+        env[CONFIG_ENV] = orjson.dumps(self.config.for_workers()).decode()
         handle.process = subprocess.Popen(
             [sys.executable, "-m", "distributor.workers.ingest_worker", "--slot", str(handle.slot),
              "--table", self.table.name],

@@ -33,6 +33,7 @@ from distributor.shared_table import (
     C_FAILOVER_PACKETS,
     C_NET_ROUTED_MESSAGES,
     C_POSSIBLE_DUPLICATES,
+    FLUSHING,
     HTTP_STAT_CELLS,
     C_LOST_MESSAGES,
     C_LOST_PACKETS,
@@ -131,7 +132,7 @@ class IngestWorker:
                 sender.start()
                 app.queues[row.slot] = queue
                 app.senders[row.slot] = sender
-            available = row.routable and row.slot not in self.ejected_at
+            available = (row.routable or row.state in FLUSHING) and row.slot not in self.ejected_at
             was_available, queue.available = queue.available, available
             if available and not was_available:
                 app.senders[row.slot].notify()  # type: ignore[union-attr]
