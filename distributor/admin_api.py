@@ -67,7 +67,9 @@ class AdminApi:
 
     def _audit(self, request: web.Request, action: str, name: str, old: Any, new: Any) -> web.Response:
         self.changes[action] += 1
-        log.info("admin change: %s %s by %s: %s -> %s", action, name, request.remote, old, new)
+        log.info("admin change: %s %s by %s: %s -> %s", action, name, request.remote, old, new,
+                 extra={"event": "admin_change", "action": action, "analyzer": name, "who": request.remote,
+                        "old": old, "new": new})
         return web.Response(body=orjson.dumps({"action": action, "analyzer": self._view(name) or {"name": name}}),
                             content_type="application/json")
 

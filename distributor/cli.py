@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import uvloop
 
 from distributor.config import AnalyzerConfig, Config, ConfigError, resolve
+from distributor.logs import setup_logging
 
 EXIT_CONFIG = 2
 
@@ -64,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     from distributor.supervisor import Supervisor
 
     config = config_from_args(args)
+    setup_logging(config.log_format, "supervisor")
 
     async def run() -> int:
         supervisor = Supervisor(config, reload_config=lambda: config_from_args(args))

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 ENV_PREFIX = "DISTRIBUTOR_"
 AnalyzerMode = Literal["batch", "packet"]
 MODES: tuple[str, ...] = ("batch", "packet")
+LOG_FORMATS: tuple[str, ...] = ("json", "text")
 
 
 class ConfigError(ValueError):
@@ -191,6 +192,7 @@ class Config:
     worker_timeout: float = 30.0
     routing_refresh_interval: float = 0.005
     max_worker_memory_mb: float = 0.0
+    log_format: str = "json"
     analyzers: tuple[AnalyzerConfig, ...] = ()
     ingest: IngestConfig = IngestConfig()
     queue: QueueConfig = QueueConfig()
@@ -206,6 +208,8 @@ class Config:
         _check_positive_int("workers", self.workers)
         for name in ("graceful_timeout", "worker_timeout", "routing_refresh_interval"):
             _check_positive_number(name, getattr(self, name))
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format: must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.max_worker_memory_mb != 0:
             _check_positive_number("max_worker_memory_mb", self.max_worker_memory_mb)
         for section in SECTIONS:

@@ -121,11 +121,14 @@ class AnalyzerHealth:
         else:
             self.downs += 1
         log.warning("analyzer %s: %s%s (%s); readmission backoff %.1fs", self.name, STATE_NAMES[state],
-                    " (flapping)" if flapping else "", self.last_check, self.backoff)
+                    " (flapping)" if flapping else "", self.last_check, self.backoff,
+                    extra={"event": "analyzer_" + STATE_NAMES[state], "analyzer": self.name,
+                           "backoff_s": self.backoff, "flapping": flapping})
 
     def admit(self, now: float, outlier: OutlierConfig) -> None:
         log.info("analyzer %s: readmitted after %d good checks; warming up over %.0fs",
-                 self.name, self.consecutive_ok, outlier.slow_start)
+                 self.name, self.consecutive_ok, outlier.slow_start,
+                 extra={"event": "analyzer_readmitted", "analyzer": self.name})
         self.state = WARMING if outlier.slow_start > 0 else ACTIVE
         self.admitted_at = now
         self.admissions += 1

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections import deque
 from typing import Protocol
 
 import aiohttp
 
 from distributor.config import OutlierConfig, SenderConfig
+from distributor.logs import RateLimitedLog
 from distributor.shared_table import (
     C_DELIVERED_MESSAGES,
     C_DELIVERED_PACKETS,
@@ -176,7 +176,7 @@ class AnalyzerSender:
         self._tasks: list[asyncio.Task[None]] = []
         self.consecutive_failures = 0
         self._retry_tokens = float(RETRY_BUDGET_FLOOR)
-        self._log = RateLimitedLog(log, f"analyzer {name}")
+        self._log = RateLimitedLog(log, name)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._config.max_inflight)]
@@ -201,7 +201,8 @@ class AnalyzerSender:
             self._counters[self._cell + C_SHUTDOWN_DROPPED_PACKETS] += dropped
             self._counters[self._cell + C_SHUTDOWN_DROPPED_MESSAGES] += messages
             log.error("analyzer %s: %d packets (%d messages) not delivered by the shutdown deadline",
-                      self.name, dropped, messages)
+                      self.name, dropped, messages, extra={"event": "dropped_shutdown", "analyzer": self.name,
+                                                           "packets": dropped, "messages": messages})
             self.queue.discard_all()
         return dropped
 
@@ -239,9 +240,11 @@ class AnalyzerSender:
                 self.consecutive_failures = 0
                 counters[cell + C_REJECTED_PACKETS] += len(batch)
                 counters[cell + C_REJECTED_MESSAGES] += sum(n for _, n in batch)
-                log.error("analyzer %s rejected %d packets with HTTP %d", self.name, len(batch), status)
+                self._log.error(f"rejected {len(batch)} packets with HTTP {status}", event="rejected")
                 return
             counters[cell + C_FAILED_ATTEMPTS] += 1
+            if status:
+                self._log.warning(f"send failed: HTTP {status}")
             self.consecutive_failures += 1
             if self.consecutive_failures >= self._outlier.consecutive_failures:
                 self._host.eject(self.slot)
@@ -278,27 +281,6 @@ class AnalyzerSender:
         except (aiohttp.ClientError, OSError) as exc:
             self._log.warning(f"send failed: {exc.__class__.__name__}")
             return 0, None, False
-
-
-class RateLimitedLog:
-    """At most one line per ``interval`` per source, with a count of what was suppressed (no log floods)."""
-
-    def __init__(self, logger: logging.Logger, prefix: str, interval: float = 1.0) -> None:
-        self._logger = logger
-        self._prefix = prefix
-        self._interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        extra = f" ({self._suppressed} more suppressed)" if self._suppressed else ""
-        self._logger.warning("%s: %s%s", self._prefix, message, extra)
-        self._suppressed = 0
-        self._next = now + self._interval
 
 
 def _retry_delay(backoff: float, retry_after: str | None) -> float:

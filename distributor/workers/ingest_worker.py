@@ -25,6 +25,7 @@ import uvloop
 from distributor.config import Config, from_dict
 from distributor.http11 import HttpLimits, HttpServer, HttpStats
 from distributor.ingest import IngestApp
+from distributor.logs import setup_logging
 from distributor.routing import NO_ANALYZER, Router
 from distributor.sender import AnalyzerSender, Packet, PacketQueue
 from distributor.shared_table import (
@@ -151,8 +152,9 @@ class IngestWorker:
         assert queue is not None
         queue.available = False
         self.ints[self.table.counter_index(self.slot, slot, C_EJECTION_REPORTS)] += 1
-        log.warning("worker %d: ejecting analyzer %s after %d consecutive send failures", self.slot,
-                    self.app.senders[slot].name, self.config.outlier.consecutive_failures)  # type: ignore[union-attr]
+        name = self.app.senders[slot].name  # type: ignore[union-attr]
+        log.warning("worker %d: ejecting analyzer %s after %d consecutive send failures", self.slot, name,
+                    self.config.outlier.consecutive_failures, extra={"event": "analyzer_ejected", "analyzer": name})
         self.fail_over_queue(slot)
 
     def fail_over(self, slot: int, packets: list[Packet], ambiguous: bool) -> list[Packet]:
@@ -271,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--table", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.slot}] %(levelname)s %(message)s")
     config = from_dict(orjson.loads(os.environ[CONFIG_ENV]))
+    setup_logging(config.log_format, "worker", args.slot)
     table = SharedTable.attach(args.table)
     worker = IngestWorker(config, args.slot, table)
     try:
