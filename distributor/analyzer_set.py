@@ -180,6 +180,9 @@ class AnalyzerSet:
 
     def remove(self, name: str) -> None:
         """Drain, then remove once its queues are empty (see ``publish``)."""
+        self._health(name)
+        if not set(self.health) - self.removing - {name}:
+            raise ConfigError(f"analyzers.{name}: cannot remove the last analyzer")
         self.drain(name)
         self.removing.add(name)
         self.publish()

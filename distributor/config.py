@@ -24,6 +24,8 @@ ENV_PREFIX = "DISTRIBUTOR_"
 AnalyzerMode = Literal["batch", "packet"]
 MODES: tuple[str, ...] = ("batch", "packet")
 LOG_FORMATS: tuple[str, ...] = ("json", "text")
+# weights are normalised; these bounds keep sums and ratios finite and meaningful
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
 
 
 class ConfigError(ValueError):
@@ -288,6 +290,8 @@ def validate_analyzer(where: str, analyzer: AnalyzerConfig) -> None:
     if not analyzer.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"{where}.name: only letters, digits, '-', '_' and '.' allowed, got {analyzer.name!r}")
     _check_positive_number(f"{where}.weight", analyzer.weight)
+    if not MIN_WEIGHT <= analyzer.weight <= MAX_WEIGHT:
+        raise ConfigError(f"{where}.weight: must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g}, got {analyzer.weight!r}")
     parts = urlsplit(analyzer.url) if isinstance(analyzer.url, str) else None
     if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"{where}.url: expected http://HOST:PORT[/path], got {analyzer.url!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -196,6 +197,11 @@ def build_app(supervisor: "Supervisor") -> web.Application:
     async def workers(_: web.Request) -> web.Response:
         return _json({"workers": workers_view(supervisor, sampler)})
 
+    openapi = (Path(__file__).parent / "openapi.json").read_bytes()
+
+    async def openapi_document(_: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -205,6 +211,7 @@ def build_app(supervisor: "Supervisor") -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/analyzers", analyzers)
     app.router.add_get("/admin/workers", workers)
+    app.router.add_get("/openapi.json", openapi_document)
     api.register(app)
     return app
 
