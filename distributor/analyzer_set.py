@@ -19,8 +19,9 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 
@@ -76,14 +77,10 @@ class AnalyzerSet:
             if name not in definitions:
                 del self.health[name]
         self.definitions = definitions
-        self.table.begin_update()
-        try:
+        with self._publishing():
             for analyzer in definitions.values():
                 self._define(analyzer)
                 self.health[analyzer.name].draining = analyzer.name in self._state["drained"]
-            self._write(time.monotonic())
-        finally:
-            self.table.end_update()
 
     def _define(self, analyzer: AnalyzerConfig) -> None:
         slot = self.slots.get(analyzer.name)
@@ -152,12 +149,8 @@ class AnalyzerSet:
         updated = dataclasses.replace(self.definitions[name], weight=weight)
         validate_analyzer(f"analyzers.{name}", updated)
         old = health.weight
-        self.table.begin_update()
-        try:
+        with self._publishing():
             self._define(updated)
-            self._write(time.monotonic())
-        finally:
-            self.table.end_update()
         self._state["weights"][name] = weight
         self._save_state()
         return old
@@ -166,12 +159,8 @@ class AnalyzerSet:
         validate_analyzer(f"analyzers.{analyzer.name}", analyzer)
         if analyzer.name in self.health:
             raise ConfigError(f"analyzers.{analyzer.name}: already exists")
-        self.table.begin_update()
-        try:
+        with self._publishing():
             self._define(analyzer)
-            self._write(time.monotonic())
-        finally:
-            self.table.end_update()
         self._state["added"] = [a for a in self._state["added"] if a["name"] != analyzer.name]
         self._state["added"].append(dataclasses.asdict(analyzer))
         if analyzer.name in self._state["removed"]:
@@ -210,11 +199,18 @@ class AnalyzerSet:
             targets[slot] = (state, weight, health.admissions)
         return targets
 
-    def _write(self, now: float) -> None:
-        for slot, (state, weight, admissions) in self._targets(now).items():
-            self.table.set_effective(slot, state, weight, admissions)
-            self._published[slot] = (state, weight, admissions)
-        self.table.start_epoch()
+    @contextmanager
+    def _publishing(self) -> Iterator[None]:
+        """Seqlocked table update: the caller's changes, then every analyzer's state and a new epoch."""
+        self.table.begin_update()
+        try:
+            yield
+            for slot, (state, weight, admissions) in self._targets(time.monotonic()).items():
+                self.table.set_effective(slot, state, weight, admissions)
+                self._published[slot] = (state, weight, admissions)
+            self.table.start_epoch()
+        finally:
+            self.table.end_update()
 
     def publish(self) -> bool:
         """Advance time-driven states and finish removals; write the table only if something changed."""
@@ -235,11 +231,8 @@ class AnalyzerSet:
                 targets = self._targets(now)
         if all(_same(self._published.get(slot), target) for slot, target in targets.items()):
             return False
-        self.table.begin_update()
-        try:
-            self._write(now)
-        finally:
-            self.table.end_update()
+        with self._publishing():
+            pass  # nothing to change but the published states themselves
         return True
 
     def collect_ejections(self) -> None:
