@@ -28,13 +28,13 @@ def fetch(admin: str) -> dict[str, Any]:
 
 def render(view: dict[str, Any]) -> str:
     lines = [f"{'worker':<7}{'pid':>8} {'state':<9}{'uptime':>8}{'restarts':>9}{'rss MB':>8}{'uss MB':>8}"
-             f"{'cpu%':>6}{'fds':>5}{'lag ms':>8}{'conns':>7}{'queued':>8}{'queued MB':>10}"]
+             f"{'cpu%':>6}{'fds':>5}{'lag ms':>8}{'conns':>7}{'queued':>8}{'queued MB':>10}{'shed':>7}{'429':>7}"]
     for w in view["workers"]:
         lines.append(
             f"{w['slot']:<7}{w['pid'] or '-':>8} {w['state']:<9}{w['uptime_s']:>7.0f}s{w['restarts']:>9}"
             f"{w.get('rss_bytes', 0) / MIB:>8.1f}{w.get('uss_bytes', 0) / MIB:>8.1f}{w.get('cpu_percent', 0):>6.0f}"
             f"{w.get('open_fds', 0):>5}{w['event_loop_lag_s'] * 1e3:>8.1f}{w['connections']:>7}"
-            f"{w['queued_packets']:>8}{w['queued_bytes'] / MIB:>10.1f}"
+            f"{w['queued_packets']:>8}{w['queued_bytes'] / MIB:>10.1f}{w['shed_packets']:>7}{w['rate_limited_packets']:>7}"
         )
     lines.append("")
     lines.append(f"{'analyzer':<12}{'state':<10}{'weight':>7}{'eff':>6}{'target':>8}{'actual':>8}{'routed msgs':>13}"
