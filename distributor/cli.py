@@ -113,7 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distributor.demo import add_demo_flags
 
     add_demo_flags(demo)
-    args = parser.parse_args(argv)
+    commands.add_parser("bench", add_help=False, help="benchmark on 127.0.0.1; same flags as python -m loadtest.bench")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # every flag belongs to the benchmark, so it parses them itself
+        from loadtest.bench import main as bench_main
+
+        return bench_main(arguments[1:])
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
     )

@@ -409,3 +409,21 @@ def test_bad_cli_args_exit_2(args: list[str]) -> None:
                          capture_output=True, timeout=20)
     assert res.returncode == 2
     assert b"error" in res.stderr
+
+
+def test_sink_counts_packets_and_messages_only(start_analyzer: Callable[..., Analyzer]) -> None:
+    """--sink: same dedup and packet/message totals, no per-level/emitter work, still all-or-nothing."""
+    an = start_analyzer("--sink")
+    assert an.ingest(packet("a", "1", ("INFO", "ERROR", "INFO"))) == (200, {"accepted": 1, "duplicates": 0})
+    assert an.batch([packet("a", "1"), packet("b", "2", ("WARN",) * 4)], count=2) == (
+        200, {"accepted": 1, "duplicates": 1})
+    status, _ = an.batch([packet("c", "3")], count=2)
+    assert status == 400
+    status, body = an.post("/ingest/batch", json.dumps(packet("c", "4")).encode() + b"\n{not json\n")
+    assert status == 400 and set(body) == {"error", "detail"}
+    status, _ = an.post("/ingest", b'{"emitter_id": "e", "packet_id": 7, "messages": []}')
+    assert status == 400
+    s = an.stats()
+    assert (s["packets"], s["messages"], s["duplicates"], s["rejected_requests"]) == (2, 7, 1, 3)
+    assert s["levels"] == {} and s["emitters"] == {}
+    assert sorted(an.get("/stats/packets")[1]["packets"]) == [["a", "1"], ["b", "2"]]

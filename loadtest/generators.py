@@ -1,0 +1,231 @@
+"""Load generators for the benchmark: wrk (closed loop, C) and the uvloop emitter (open or closed loop).
+
+Why two: on a 2-core box a Python generator cannot saturate the distributor
+and measure it at the same time, so peak throughput uses wrk when it is
+installed; wrk is closed loop, though, so latency at a given rate uses the
+emitter's open-loop mode (latency from the scheduled send time). Both report
+into the same ``RunResult`` so the benchmark treats them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import uvloop
+
+from distributor.emitter import LatencyHistogram, LoadSpec, LoadStats, PacketFactory, run_load
+
+LUA = Path(__file__).with_name("wrk_ingest.lua")
+SIZES = {"fixed": ((10, 1.0),), "skewed": ((5, 0.5), (20, 0.5))}
+
+
+@dataclass
+class RunResult:
+    """What one load run saw from the client side (latencies in ms)."""
+
+    generator: str
+    duration_s: float
+    connections: int
+    offered_rate: float | None = None  # open loop: packets/s scheduled; None: closed loop
+    sent: int = 0
+    accepted_packets: int = 0  # answered 202 (or 2xx through nginx)
+    accepted_messages: int | None = None  # None when the generator cannot tell (nginx answers)
+    by_status: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_503_ms: dict[str, float] | None = None
+    probe_latency_ms: dict[str, dict[str, float]] | None = None  # per status, from the stress probe
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def answered(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def ratio_503(self) -> float:
+        return self.by_status.get("503", 0) / max(self.answered, 1)
+
+
+class Progress:
+    """Prints one line per second to stderr while a run lasts (``sample`` says what to print)."""
+
+    def __init__(self, label: str, sample: Callable[[], str]) -> None:
+        self.label = label
+        self.sample = sample
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.monotonic()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                text = self.sample()
+            except Exception as exc:  # progress must never kill a run
+                text = f"({exc.__class__.__name__})"
+            print(f"  [{self.label}] {time.monotonic() - self.started:5.1f}s {text}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def wrk_version() -> str | None:
+    if not wrk_available():
+        return None
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
+    return out.split(" [")[0].strip() or None
+
+
+def parse_wrk(stdout: str) -> dict[str, int]:
+    """The ``wrk-result KEY VALUE`` lines printed by wrk_ingest.lua's done()."""
+    values: dict[str, int] = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "wrk-result":
+            values[parts[1]] = int(parts[2])
+    if "requests" not in values:
+        raise RuntimeError(f"wrk printed no wrk-result lines:\n{stdout[-2000:]}")
+    return values
+
+
+def run_wrk(url: str, duration: float, connections: int, sizes: str, nonce: str,
+            progress: Callable[[], str], threads: int = 2) -> RunResult:
+    """wrk closed loop with wrk_ingest.lua; 202s and messages are counted in the script."""
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
+            "--timeout", "5s", "-s", str(LUA), url, "--", nonce, sizes]
+    with Progress("wrk", progress):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr[-2000:]}")
+    v = parse_wrk(done.stdout)
+    statuses = {"202": v["status_202"], "2xx_other": v["status_2xx"] - v["status_202"], "429": v["status_429"],
+                "503": v["status_503"], "other": v["status_other"]}
+    return RunResult(
+        generator="wrk", duration_s=v["duration_us"] / 1e6, connections=connections, sent=v["requests"],
+        accepted_packets=v["status_2xx"], accepted_messages=v["messages_202"] if v["status_202"] else None,
+        by_status={k: n for k, n in statuses.items() if n},
+        errors=v["errors_connect"] + v["errors_read"] + v["errors_write"] + v["errors_timeout"],
+        latency_ms={"p50": v["latency_p50_us"] / 1e3, "p90": v["latency_p90_us"] / 1e3,
+                    "p99": v["latency_p99_us"] / 1e3, "p99.9": v["latency_p99.9_us"] / 1e3,
+                    "max": v["latency_max_us"] / 1e3},
+    )
+
+
+def _ms(h: LatencyHistogram) -> dict[str, float]:
+    return {"count": h.count, "p50": h.percentile(50) * 1e3, "p90": h.percentile(90) * 1e3,
+            "p99": h.percentile(99) * 1e3, "p99.9": h.percentile(99.9) * 1e3, "max": h.max * 1e3}
+
+
+class Probe:
+    """A light open-loop side load that records latency *per status* (the emitter mixes them).
+
+    Why: the stress scenario must show that 503 answers stay prompt while 202s
+    queue up; the emitter's single histogram cannot separate the two.
+    """
+
+    def __init__(self, url: str, rate: float, connections: int = 4) -> None:
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
+        self.rate = rate
+        self.connections = connections
+        self.factory = PacketFactory(SIZES["fixed"], 16, emitter_prefix="probe")
+        self.by_status: dict[int, LatencyHistogram] = {}
+        self.accepted_packets = self.accepted_messages = self.errors = 0
+
+    async def _one(self, index: int, end: float) -> None:
+        interval = self.connections / self.rate
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        next_at = time.monotonic() + index * interval / self.connections
+        try:
+            while next_at < end:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                body, _, _, n = self.factory.next()
+                writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (self.path.encode(), self.host.encode(), len(body), body))
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                self.by_status.setdefault(status, LatencyHistogram()).record(time.monotonic() - next_at)
+                if status == 202:
+                    self.accepted_packets += 1
+                    self.accepted_messages += n
+                next_at += interval
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+            self.errors += 1
+        finally:
+            writer.close()
+
+    async def run(self, duration: float) -> None:
+        end = time.monotonic() + duration
+        await asyncio.gather(*(self._one(i, end) for i in range(self.connections)))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {str(code): _ms(h) for code, h in sorted(self.by_status.items())}
+
+
+def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: float | None = None,
+                probe_rate: float = 0.0) -> RunResult:
+    """The uvloop emitter in this process (open loop when ``rate``), plus an optional per-status probe."""
+    stats = LoadStats()
+    spec = LoadSpec(url=url, duration=duration, connections=connections, rate=rate, sizes=SIZES[sizes],
+                    emitter_prefix=f"bench-{os.urandom(3).hex()}")
+    probe = Probe(url, probe_rate) if probe_rate > 0 else None
+
+    def sample() -> str:
+        snap = stats.snapshot()
+        elapsed = snap["elapsed"] or 1e-9
+        return (f"sent {snap['sent'] / elapsed:8.0f}/s  202 {snap['accepted_packets'] / elapsed:8.0f}/s  "
+                f"503 {snap['by_status'].get(503, 0)}  errors {snap['errors']}")
+
+    async def main() -> None:
+        tasks = [run_load(spec, stats)]
+        if probe is not None:
+            tasks.append(probe.run(duration))
+        await asyncio.gather(*tasks)
+
+    with Progress("emitter", sample):
+        uvloop.run(main())
+    snap = stats.snapshot()
+    by_status = {str(code): n for code, n in sorted(snap["by_status"].items())}
+    result = RunResult(
+        generator="emitter", duration_s=snap["elapsed"], connections=connections, offered_rate=rate,
+        sent=snap["sent"], accepted_packets=snap["accepted_packets"], accepted_messages=snap["accepted_messages"],
+        by_status=by_status, errors=snap["errors"], latency_ms=_ms(stats.latency),
+    )
+    if probe is not None:
+        per_status = probe.summary()
+        result.latency_503_ms = per_status.get("503")
+        result.accepted_packets += probe.accepted_packets
+        result.accepted_messages = (result.accepted_messages or 0) + probe.accepted_messages
+        result.errors += probe.errors
+        merged = dict(result.by_status)
+        for code, figures in per_status.items():
+            merged[code] = merged.get(code, 0) + int(figures["count"])
+        result.by_status = merged
+        result.probe_latency_ms = per_status
+    return result
