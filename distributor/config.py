@@ -96,19 +96,6 @@ class QueueConfig:
     worker_max_bytes: int = 256 << 20  # all analyzers together, per worker: the basis of overload shedding
 
 
-@dataclass(frozen=True, slots=True)
-class SenderConfig:
-    """How a worker ships queued packets to one analyzer."""
-
-    batch_max_packets: int = 256
-    batch_max_bytes: int = 1 << 20
-    max_inflight: int = 4
-    connect_timeout: float = 2.0
-    request_timeout: float = 10.0
-    retry_initial_backoff: float = 0.05
-    retry_max_backoff: float = 2.0
-
-
 def _optional(default: float) -> Any:
     """A field where 0 means off (validated as >= 0 instead of > 0)."""
     return field(default=default, metadata={"zero_allowed": True})
@@ -117,6 +104,20 @@ def _optional(default: float) -> Any:
 def _fraction(default: float) -> Any:
     """A field in (0, 1]."""
     return field(default=default, metadata={"fraction": True})
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    """How a worker ships queued packets to one analyzer."""
+
+    batch_max_packets: int = 256
+    batch_max_bytes: int = 1 << 20
+    batch_linger: float = _optional(0.05)  # seconds a non-full batch waits for more packets (0 = at once)
+    max_inflight: int = 4
+    connect_timeout: float = 2.0
+    request_timeout: float = 10.0
+    retry_initial_backoff: float = 0.05
+    retry_max_backoff: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

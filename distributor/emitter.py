@@ -10,7 +10,9 @@ Two modes: closed loop (``rate=None``: each connection sends its next request as
 soon as the previous is answered) and open loop (``rate``: requests have fixed
 scheduled send times and latency is measured from the *scheduled* time, so a
 stalled server shows up as latency instead of being hidden by coordinated
-omission).
+omission). Service time, from the actual write, is kept beside it: the
+difference is the generator's own lateness (libuv timers tick in whole
+milliseconds), which the server did not cause).
 """
 
 from __future__ import annotations
@@ -112,6 +114,11 @@ class LatencyHistogram:
     def mean(self) -> float:
         return self.total / self.count if self.count else 0.0
 
+    def summary_ms(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean() * 1e3, "p50": self.percentile(50) * 1e3,
+                "p90": self.percentile(90) * 1e3, "p99": self.percentile(99) * 1e3,
+                "p99.9": self.percentile(99.9) * 1e3, "max": self.max * 1e3}
+
     def merge(self, other: LatencyHistogram) -> None:
         """Add other's values into this one (e.g. histograms of several runs or processes)."""
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
@@ -151,7 +158,8 @@ class LoadStats:
     errors: int = 0  # connect failures, connections lost mid-request, timeouts
     timeouts: int = 0  # the subset of errors that were per-request timeouts
     reconnects: int = 0  # connections re-opened after the previous one closed
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # open loop: from the scheduled time
+    service: LatencyHistogram = field(default_factory=LatencyHistogram)  # from the write: excludes own timer lag
     accepted: list[tuple[str, str, int]] = field(default_factory=list)
     started: float = 0.0  # time.monotonic() at start of load
     finished: float = 0.0
@@ -159,7 +167,6 @@ class LoadStats:
     def snapshot(self) -> dict[str, Any]:
         """Plain numbers (by_status keyed by int) for printing or JSON."""
         end = self.finished or time.monotonic()
-        lat = self.latency
         return {
             "sent": self.sent,
             "by_status": dict(self.by_status),
@@ -169,14 +176,8 @@ class LoadStats:
             "timeouts": self.timeouts,
             "reconnects": self.reconnects,
             "elapsed": max(0.0, end - self.started) if self.started else 0.0,
-            "latency_ms": {
-                "count": lat.count,
-                "mean": lat.mean() * 1e3,
-                "p50": lat.percentile(50) * 1e3,
-                "p99": lat.percentile(99) * 1e3,
-                "p99.9": lat.percentile(99.9) * 1e3,
-                "max": lat.max * 1e3,
-            },
+            "latency_ms": self.latency.summary_ms(),
+            "service_ms": self.service.summary_ms(),
         }
 
 
@@ -438,6 +439,7 @@ class _Run:
                 continue
             now = monotonic()
             stats.latency.record(now - begin)
+            stats.service.record(now - conn.sent_at)
             by_status = stats.by_status
             by_status[status] = by_status.get(status, 0) + 1
             if status == 202:

@@ -43,6 +43,7 @@ class RunResult:
     by_status: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
+    service_ms: dict[str, float] | None = None  # emitter: from the write, without the generator's timer lag
     latency_503_ms: dict[str, float] | None = None
     probe_latency_ms: dict[str, dict[str, float]] | None = None  # per status, from the stress probe
 
@@ -131,11 +132,6 @@ def run_wrk(url: str, duration: float, connections: int, sizes: str, nonce: str,
     )
 
 
-def _ms(h: LatencyHistogram) -> dict[str, float]:
-    return {"count": h.count, "p50": h.percentile(50) * 1e3, "p90": h.percentile(90) * 1e3,
-            "p99": h.percentile(99) * 1e3, "p99.9": h.percentile(99.9) * 1e3, "max": h.max * 1e3}
-
-
 class Probe:
     """A light open-loop side load that records latency *per status* (the emitter mixes them).
 
@@ -185,7 +181,7 @@ class Probe:
         await asyncio.gather(*(self._one(i, end) for i in range(self.connections)))
 
     def summary(self) -> dict[str, dict[str, float]]:
-        return {str(code): _ms(h) for code, h in sorted(self.by_status.items())}
+        return {str(code): h.summary_ms() for code, h in sorted(self.by_status.items())}
 
 
 def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: float | None = None,
@@ -215,7 +211,8 @@ def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: f
     result = RunResult(
         generator="emitter", duration_s=snap["elapsed"], connections=connections, offered_rate=rate,
         sent=snap["sent"], accepted_packets=snap["accepted_packets"], accepted_messages=snap["accepted_messages"],
-        by_status=by_status, errors=snap["errors"], latency_ms=_ms(stats.latency),
+        by_status=by_status, errors=snap["errors"], latency_ms=stats.latency.summary_ms(),
+        service_ms=stats.service.summary_ms(),
     )
     if probe is not None:
         per_status = probe.summary()

@@ -114,3 +114,22 @@ def test_stalled_analyzer_fills_its_queue_while_others_keep_accepting(make_clust
     cluster.wait_drained(timeout=60)
     totals = cluster.analyzer_totals()
     assert sum(t["packets"] for t in totals.values()) == accepted + extra
+
+
+@pytest.mark.parametrize("linger", [0.0, 1.0])
+def test_batch_linger_gathers_packets_into_few_requests(make_cluster: Callable[..., LocalCluster],
+                                                        linger: float) -> None:
+    """sender.batch_linger: full batches leave at once, the rest after the linger; 0 sends as packets come."""
+    cluster = make_cluster(analyzers=(("a1", 1.0),), distributor_args=[
+        "--set", f"sender.batch_linger={linger}", "--set", "sender.batch_max_packets=10"])
+    client = Client(cluster.data_port)
+    for i in range(35):
+        assert client.post(packet(packet_id=f"l-{i}", messages=2))[0] == 202
+        if linger == 0:  # one packet at a time: each must leave before the next arrives
+            wait_until(lambda: cluster.analyzer("a1").stats()["packets"] == i + 1, 10, f"packet {i} delivered")
+    client.close()
+    cluster.wait_drained()
+    stats = cluster.analyzer("a1").stats()
+    assert (stats["packets"], stats["messages"]) == (35, 70)
+    # lingering: 3 full batches of 10 as they fill, then the last 5 together when the linger ends
+    assert stats["batches"] == (4 if linger else 35), stats
