@@ -415,6 +415,11 @@ def print_table(report: dict[str, Any]) -> None:
             sv = r["service_ms"]
             print(f"{'':<16}service time (from the write, no generator timer lag): p50 {sv['p50']:.2f} ms  "
                   f"p99 {sv['p99']:.2f} ms  p99.9 {sv['p99.9']:.2f} ms; handler p99 <= {r['handler_p99_le_ms']} ms")
+        if r.get("achieved_offered_rate"):
+            short = r["achieved_offered_rate"] < 0.9 * r["offered_rate"]
+            print(f"{'':<16}offered {r['offered_rate']:.0f}/s, generator reached {r['achieved_offered_rate']:.0f}/s"
+                  + (" (generator-bound: latency from schedule is the generator's backlog; see service time)"
+                     if short else ""))
         if r.get("latency_503_ms"):
             l5 = r["latency_503_ms"]
             print(f"{'':<16}503 answers (probe): p50 {l5['p50']:.2f} ms  p99 {l5['p99']:.2f} ms  "

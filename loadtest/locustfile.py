@@ -288,14 +288,22 @@ def _verdict(environment: Environment, **_: Any) -> None:
     if isinstance(shape, EmitterShape) and shape.steps:
         summary["stress_steps"] = shape.steps
         summary["knee"] = shape.knee
+        summary["knee_reached"] = any(step["ratio_503"] >= 0.01 for step in shape.steps)
     summary["passed"] = not problems
     summary["problems"] = problems
     print(f"\nlog distributor: accepted {c['accepted']}, backpressure 503 {c['503']} / 429 {c['429']}, "
           f"failures {c['failures']} ({fail_ratio:.2%} of non-backpressure), p95 {p95:.1f} ms", flush=True)
     if "knee" in summary:
         knee = summary["knee"]
-        print("knee: " + (f"{knee['users']} users, {knee['accepted_per_s']:.0f} accepted packets/s, "
-                          f"503 {knee['ratio_503']:.2%}" if knee else "none (503s from the first step)"), flush=True)
+        if not knee:
+            print("knee: none (503s from the first step)", flush=True)
+        elif summary["knee_reached"]:
+            print(f"knee: {knee['users']} users, {knee['accepted_per_s']:.0f} accepted packets/s, "
+                  f"503 {knee['ratio_503']:.2%}", flush=True)
+        else:
+            print(f"knee: not reached; no step passed 1% 503s up to {knee['users']} users "
+                  f"({knee['accepted_per_s']:.0f} accepted packets/s). The load generator may be the limit: "
+                  "more locust processes (--processes -1), or python -m loadtest.bench (wrk)", flush=True)
     print("verdict: " + ("PASS" if not problems else "FAIL: " + "; ".join(problems)), flush=True)
     if opts is not None and opts.summary_json:
         with open(opts.summary_json, "w") as out:

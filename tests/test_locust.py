@@ -25,10 +25,11 @@ pytestmark = pytest.mark.timeout(90)
 def locust(cluster: LocalCluster, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Any]:
     summary = tmp_path / "summary.json"
     port = cluster.ingest_url.split(":")[2].split("/")[0]
+    run_time = [] if "-t" in extra else ["-t", "5s"]
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "20", "-r", "20",
-            "-t", "5s", "--host", f"http://127.0.0.1:{port}", "--only-summary",
+            *run_time, "--host", f"http://127.0.0.1:{port}", "--only-summary",
             "--csv", str(tmp_path / "run"), "--summary-json", str(summary), *extra]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=80)
     return done, json.loads(summary.read_text()) if summary.exists() else None
 
 
@@ -71,3 +72,20 @@ def _metrics(cluster: LocalCluster) -> list[str]:
     return urllib.request.urlopen(cluster.admin_url + "/metrics", timeout=10).read().decode().splitlines()
 
 
+
+
+def test_stress_shape_reports_the_knee(make_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
+    """Analyzers that take ~80 packets/s in all: the ramp passes 1% 503s after a few steps, the knee is before."""
+    slow = ["--sink", "--delay-ms", "50", "--concurrency", "1"]
+    cluster = make_cluster(workers=1, analyzer_args={n: slow for n in ("a1", "a2", "a3", "a4")},
+                           distributor_args=["--set", "sender.batch_max_packets=1", "--set", "sender.max_inflight=1",
+                                             "--set", "queue.max_packets=10", "--set", "graceful_timeout=2"])
+    done, summary = locust(cluster, tmp_path, "SteadyEmitter", "--stress", "--stress-step-users", "5",
+                           "--stress-step-seconds", "2", "--stress-hold-seconds", "1", "-t", "40s")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = summary["stress_steps"]
+    assert summary["knee_reached"] and summary["503"] > 0 and summary["failures"] == 0, steps
+    over = next(s for s in steps if s["ratio_503"] >= 0.01)
+    knee = summary["knee"]
+    assert knee is not None and knee["ratio_503"] < 0.01 and knee["users"] < over["users"], steps
+    assert f"knee: {knee['users']} users" in done.stdout
