@@ -4,10 +4,5 @@
 # Extra flags go to the demo, e.g. ./run.sh --duration 60 --workers 2 --rate 0
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
+scripts/venv.sh
 exec .venv/bin/distributor demo "$@"

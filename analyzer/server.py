@@ -124,8 +124,8 @@ def parse_single(body: bytes) -> list[Packet]:
     return [validate_packet(obj, "body")]
 
 
-def parse_batch(body: bytes, declared: str | None) -> list[Packet]:
-    """Parse every NDJSON line before anything is counted (all-or-nothing)."""
+def batch_lines(body: bytes, declared: str | None) -> list[bytes]:
+    """The non-empty NDJSON lines, checked against ``X-Packet-Count`` when the sender declared it."""
     lines = [line for line in body.split(b"\n") if line.strip()]
     if declared is not None:
         try:
@@ -137,8 +137,13 @@ def parse_batch(body: bytes, declared: str | None) -> list[Packet]:
                 "packet_count_mismatch",
                 f"X-Packet-Count says {expected}, body has {len(lines)} non-empty lines",
             )
+    return lines
+
+
+def parse_batch(body: bytes, declared: str | None) -> list[Packet]:
+    """Parse every NDJSON line before anything is counted (all-or-nothing)."""
     packets: list[Packet] = []
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(batch_lines(body, declared), 1):
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
@@ -154,18 +159,7 @@ def sink_ingest(stats: Stats, body: bytes, batch: bool, declared: str | None) ->
     per-message counting would make the analyzers the bottleneck of a benchmark
     that means to measure the distributor. Still all-or-nothing per request.
     """
-    if batch:
-        lines = [line for line in body.split(b"\n") if line.strip()]
-        if declared is not None:
-            try:
-                expected = int(declared)
-            except ValueError:
-                raise BadRequest("invalid_header", f"X-Packet-Count is not an integer: {declared!r}") from None
-            if expected != len(lines):
-                raise BadRequest("packet_count_mismatch",
-                                 f"X-Packet-Count says {expected}, body has {len(lines)} non-empty lines")
-    else:
-        lines = [body]
+    lines = batch_lines(body, declared) if batch else [body]
     keys: list[tuple[tuple[str, str], int]] = []
     loads = orjson.loads
     for i, line in enumerate(lines, 1):
