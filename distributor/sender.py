@@ -188,7 +188,7 @@ class AnalyzerSender:
         self._dispatcher = asyncio.create_task(self._dispatch())
 
     def notify(self) -> None:
-        """Called after ``queue.put`` or when the analyzer becomes available: wake the dispatcher."""
+        """Called after ``queue.put``, when the analyzer becomes available, or when failover emptied its queue."""
         self._idle.clear()
         queued = len(self.queue.items)
         if queued == 1:
@@ -200,11 +200,18 @@ class AnalyzerSender:
     def _batch_ready(self) -> bool:
         """A full batch, or a queue half full: lingering then only brings backpressure closer."""
         queue = self.queue
-        return (len(queue.items) >= self._batch_max or queue.packets * 2 >= queue.max_packets
-                or queue.bytes * 2 >= queue.max_bytes)
+        return (len(queue.items) >= self._batch_max or queue.bytes >= self._config.batch_max_bytes
+                or queue.packets * 2 >= queue.max_packets or queue.bytes * 2 >= queue.max_bytes)
 
     async def drain(self, timeout: float) -> int:
-        """Deliver what is queued within ``timeout``; count and return the packets dropped after it."""
+        """Deliver what is queued within ``timeout``; count and return the packets dropped after it.
+
+        Lingering ends at once: nothing more is coming. Afterwards the queue takes
+        no packets (``available`` False), so a late failover cannot strand any here.
+        """
+        self._linger = 0.0
+        self._batch_full.set()
+        self._wakeup.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
@@ -213,6 +220,7 @@ class AnalyzerSender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.queue.available = False
         dropped = self.queue.packets
         if dropped:
             messages = self.queue.messages
@@ -302,7 +310,10 @@ class AnalyzerSender:
             if self.consecutive_failures >= self._outlier.consecutive_failures:
                 self._host.eject(self.slot)
             if not self.queue.available or self._retry_tokens < 1:
-                batch = self._host.fail_over(self.slot, batch, ambiguous)
+                leftover = self._host.fail_over(self.slot, batch, ambiguous)
+                kept = {id(packet) for packet in leftover}
+                self.queue.release([packet for packet in batch if id(packet) not in kept])  # on other books now
+                batch[:] = leftover  # _ship releases what stays here
                 if not batch:
                     return
             else:
@@ -334,6 +345,9 @@ class AnalyzerSender:
         except (aiohttp.ClientError, OSError) as exc:
             self._log.warning(f"send failed: {exc.__class__.__name__}")
             return 0, None, False
+        except Exception as exc:  # a bug must not strand the batch: retry or fail it over like any failure
+            self._log.error(f"unexpected error while sending: {exc!r}", event="send_error")
+            return 0, None, True
 
 
 def _retry_delay(backoff: float, retry_after: str | None) -> float:

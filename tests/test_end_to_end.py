@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -116,20 +117,33 @@ def test_stalled_analyzer_fills_its_queue_while_others_keep_accepting(make_clust
     assert sum(t["packets"] for t in totals.values()) == accepted + extra
 
 
-@pytest.mark.parametrize("linger", [0.0, 1.0])
-def test_batch_linger_gathers_packets_into_few_requests(make_cluster: Callable[..., LocalCluster],
-                                                        linger: float) -> None:
-    """sender.batch_linger: full batches leave at once, the rest after the linger; 0 sends as packets come."""
+def test_batch_linger_full_batches_leave_at_once_the_rest_waits_until_shutdown(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    """A 60 s linger: full batches go as they fill, a partial one waits, and SIGTERM flushes it at once."""
     cluster = make_cluster(analyzers=(("a1", 1.0),), distributor_args=[
-        "--set", f"sender.batch_linger={linger}", "--set", "sender.batch_max_packets=10"])
+        "--set", "sender.batch_linger=60", "--set", "sender.batch_max_packets=10", "--set", "graceful_timeout=120"])
+    analyzer = cluster.analyzer("a1")
     client = Client(cluster.data_port)
     for i in range(35):
         assert client.post(packet(packet_id=f"l-{i}", messages=2))[0] == 202
-        if linger == 0:  # one packet at a time: each must leave before the next arrives
-            wait_until(lambda: cluster.analyzer("a1").stats()["packets"] == i + 1, 10, f"packet {i} delivered")
     client.close()
-    cluster.wait_drained()
-    stats = cluster.analyzer("a1").stats()
-    assert (stats["packets"], stats["messages"]) == (35, 70)
-    # lingering: 3 full batches of 10 as they fill, then the last 5 together when the linger ends
-    assert stats["batches"] == (4 if linger else 35), stats
+    wait_until(lambda: analyzer.stats()["packets"] == 30, 30, "the three full batches (far sooner than the linger)")
+    assert cluster.admin("/admin/analyzers")["analyzers"][0]["queue_packets"] == 5  # lingering
+    assert analyzer.stats()["packets"] == 30
+    assert cluster.distributor is not None
+    cluster.distributor.signal(signal.SIGTERM)
+    assert cluster.distributor.process.wait(60) == 0  # type: ignore[union-attr]  # < graceful_timeout
+    stats = analyzer.stats()
+    assert (stats["packets"], stats["messages"], stats["batches"]) == (35, 70, 4), stats
+
+
+def test_batch_linger_zero_sends_each_packet_as_it_comes(make_cluster: Callable[..., LocalCluster]) -> None:
+    """0 turns lingering off: a lone packet leaves on its own (a misread 0, e.g. as "forever", holds it)."""
+    cluster = make_cluster(analyzers=(("a1", 1.0),), distributor_args=["--set", "sender.batch_linger=0"])
+    client = Client(cluster.data_port)
+    for i in range(20):
+        assert client.post(packet(packet_id=f"z-{i}", messages=2))[0] == 202
+        wait_until(lambda: cluster.analyzer("a1").stats()["packets"] == i + 1, 10, f"packet {i} delivered")
+    client.close()
+    assert cluster.analyzer("a1").stats()["batches"] == 20

@@ -190,6 +190,7 @@ class IngestWorker:
         leftover = self.fail_over(slot, queue.take_all(), ambiguous=False)
         if leftover:
             queue.put_back(leftover)
+        self.app.senders[slot].notify()  # type: ignore[union-attr]  # an emptied queue may make it idle
 
     async def heartbeat(self) -> None:
         """Stamp liveness from the loop itself, measure loop lag, follow table changes."""
