@@ -352,7 +352,7 @@ def _build(cls: type, where: str, data: Mapping[str, Any]) -> Any:
             raise ConfigError(f"{path}: unknown key")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation) and annotation is not Address:
-            kwargs[key] = _build(annotation, path, value)
+            kwargs[key] = _build(typing.cast(type, annotation), path, value)
         elif key == "overrides" and cls is RateLimitConfig:
             kwargs[key] = _overrides(path, value)
         elif key == "analyzers":

@@ -179,14 +179,15 @@ class Supervisor:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(handled, self._signals.put_nowait, handled)
         for handle in self.workers:
             self.spawn(handle)
         checks = asyncio.create_task(self.analyzers.check_forever())
         announced = False
         try:
             while not self._stopping:
+                sig: int | None
                 try:
                     sig = await asyncio.wait_for(self._signals.get(), TICK)
                 except asyncio.TimeoutError:

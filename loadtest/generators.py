@@ -199,10 +199,10 @@ def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: f
                 f"503 {snap['by_status'].get(503, 0)}  errors {snap['errors']}")
 
     async def main() -> None:
-        tasks = [run_load(spec, stats)]
-        if probe is not None:
-            tasks.append(probe.run(duration))
-        await asyncio.gather(*tasks)
+        if probe is None:
+            await run_load(spec, stats)
+        else:
+            await asyncio.gather(run_load(spec, stats), probe.run(duration))
 
     with Progress("emitter", sample):
         uvloop.run(main())

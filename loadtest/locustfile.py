@@ -113,7 +113,8 @@ class Emitter(FastHttpUser):
         self.seq += 1
         body = packet(self.emitter_id, f"{self.emitter_id}-{self.seq}", n, self.rng)
         for _ in range(MAX_ATTEMPTS):
-            with self.client.post(INGEST, data=body, headers={"Content-Type": "application/json"},
+            with self.client.post(INGEST, data=body,  # type: ignore[arg-type]  # bytes work; the hint says str
+                                  headers={"Content-Type": "application/json"},
                                   name=INGEST, catch_response=True) as response:
                 status = response.status_code
                 if status == 202:
@@ -242,10 +243,11 @@ class EmitterShape(LoadTestShape):
 
     def _close_step(self, env: Environment, now: float) -> None:
         opts = env.parsed_options
+        assert opts is not None  # only called with --stress
         current = counts(env)
         delta = {k: current[k] - self.mark.get(k, 0) for k in current}
         elapsed = max(now - self.step_started, 1e-9)
-        step = {"users": self.users, "phase": self.phase, "seconds": round(elapsed, 1),
+        step: dict[str, Any] = {"users": self.users, "phase": self.phase, "seconds": round(elapsed, 1),
                 "accepted_per_s": delta["accepted"] / elapsed, "requests_per_s": delta["requests"] / elapsed,
                 "ratio_503": delta["503"] / max(delta["requests"], 1)}
         self.steps.append(step)

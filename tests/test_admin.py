@@ -116,7 +116,8 @@ def test_changes_survive_reload_and_restart_only_with_a_state_file(
     assert call(cluster, "POST", "/admin/analyzers/a2/drain")[0] == 200
     assert cluster.distributor is not None
     cluster.distributor.signal(signal.SIGHUP)
-    wait_until(lambda: "reloaded" in cluster.distributor.log_tail(50), 10, "the reload")  # type: ignore[union-attr]
+    distributor = cluster.distributor
+    wait_until(lambda: "reloaded" in distributor.log_tail(50), 10, "the reload")
     assert view(cluster)["a1"]["weight"] == 5 and view(cluster)["a2"]["draining"]
     cluster.distributor.stop()
     cluster.data_port = cluster.admin_port = 0

@@ -6,6 +6,7 @@ leak between tests; readiness is polled with a deadline, never slept on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -336,7 +337,7 @@ def test_delay_visible_in_health_latency(start_analyzer: Callable[..., Analyzer]
 
 def test_concurrency_one_builds_queue(start_analyzer: Callable[..., Analyzer]) -> None:
     an = start_analyzer("--concurrency", "1", "--delay-ms", "400")
-    reqs = [Background(lambda i=i: an.ingest(packet("e", str(i)))) for i in range(3)]
+    reqs = [Background(functools.partial(an.ingest, packet("e", str(i)))) for i in range(3)]
     seen: dict[str, Any] = {}
 
     def queued() -> bool:

@@ -459,7 +459,9 @@ def test_k8s_distributor_deployment() -> None:
     assert port_number(c, "http") == int(config["listen"].rsplit(":", 1)[1])
     # graceful drain: grace period > preStop delay + graceful_timeout
     command = c["lifecycle"]["preStop"]["exec"]["command"]
-    delay = float(re.search(r"sleep\((\d+(?:\.\d+)?)\)", " ".join(command)).group(1))
+    sleep = re.search(r"sleep\((\d+(?:\.\d+)?)\)", " ".join(command))
+    assert sleep, command
+    delay = float(sleep.group(1))
     graceful = float(config.get("graceful_timeout", 30.0))
     assert pod["terminationGracePeriodSeconds"] > delay + graceful
     # the ConfigMap is mounted where the command reads it
@@ -660,7 +662,9 @@ def test_prometheus_scrapes_distributor_and_evaluates_alerts(live: tuple[LocalCl
     # selects nothing
     exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
     high_503 = exprs["DistributorHigh503Rate"].strip()
-    ratio, threshold = re.fullmatch(r"(.*\))\s*>\s*([0-9.]+)", high_503, flags=re.S).groups()
+    parts = re.fullmatch(r"(.*\))\s*>\s*([0-9.]+)", high_503, flags=re.S)
+    assert parts, high_503
+    ratio, threshold = parts.groups()
     assert float(threshold) == 0.05
     assert poll(lambda: scalar_values(prometheus.query(ratio)), 30, "503 ratio over real traffic") == [0.0]
     assert scalar_values(prometheus.query(high_503)) == []
