@@ -106,6 +106,11 @@ def _fraction(default: float) -> Any:
     return field(default=default, metadata={"fraction": True})
 
 
+def _flag(default: bool) -> Any:
+    """A true/false field."""
+    return field(default=default, metadata={"flag": True})
+
+
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
     """How a worker ships queued packets to one analyzer."""
@@ -145,6 +150,7 @@ class OutlierConfig:
     slow_start: float = 10.0
     slow_start_min_weight: float = _fraction(0.1)
     retry_budget: float = _fraction(0.2)
+    abort_inflight_on_down: bool = _flag(True)  # HAProxy's on-marked-down shutdown-sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +266,10 @@ SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_
 
 
 def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:
+    if metadata.get("flag"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+        return
     if metadata.get("zero_allowed") and value == 0:
         return
     if isinstance(value, int) and not isinstance(value, bool):
@@ -309,6 +319,9 @@ def validate_analyzer(where: str, analyzer: AnalyzerConfig) -> None:
 # --- loading -------------------------------------------------------------------------------
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def _coerce(where: str, annotation: Any, value: Any) -> Any:
     """Convert a TOML/env value to the field's declared type, or raise naming the field."""
     if annotation is Address:
@@ -318,9 +331,11 @@ def _coerce(where: str, annotation: Any, value: Any) -> Any:
             raise ConfigError(f"{where}: expected HOST:PORT string, got {value!r}")
         return Address.parse(value, where)
     if annotation is bool:
-        if isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes", "on")
-        return bool(value)
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
     if annotation is int:
         if isinstance(value, str):
             try:

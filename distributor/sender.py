@@ -180,6 +180,7 @@ class AnalyzerSender:
         self._linger = config.batch_linger if mode == "batch" else 0.0
         self._dispatcher: asyncio.Task[None] | None = None
         self._shipping: set[asyncio.Task[None]] = set()
+        self._posts: set[asyncio.Future[tuple[int, str | None, bool]]] = set()
         self.consecutive_failures = 0
         self._retry_tokens = float(RETRY_BUDGET_FLOOR)
         self._log = RateLimitedLog(log, name)
@@ -202,6 +203,17 @@ class AnalyzerSender:
         queue = self.queue
         return (len(queue.items) >= self._batch_max or queue.bytes >= self._config.batch_max_bytes
                 or queue.packets * 2 >= queue.max_packets or queue.bytes * 2 >= queue.max_bytes)
+
+    def abort_inflight(self) -> None:
+        """The analyzer went down: give up on its in-flight requests now instead of at request_timeout.
+
+        Each aborted batch fails over as ambiguous (the analyzer may have taken
+        it: counted as possible duplicates), like HAProxy's on-marked-down
+        shutdown-sessions. Off with ``outlier.abort_inflight_on_down = false``.
+        """
+        if self._outlier.abort_inflight_on_down:
+            for post in list(self._posts):
+                post.cancel()
 
     async def drain(self, timeout: float) -> int:
         """Deliver what is queued within ``timeout``; count and return the packets dropped after it.
@@ -290,7 +302,7 @@ class AnalyzerSender:
         counters, cell = self._counters, self._cell
         self._retry_tokens = min(RETRY_BUDGET_CAP, self._retry_tokens + self._outlier.retry_budget)
         while True:
-            status, retry_after, ambiguous = await self._post(batch)
+            status, retry_after, ambiguous = await self._attempt(batch)
             if 200 <= status < 300:
                 self.consecutive_failures = 0
                 counters[cell + C_DELIVERED_PACKETS] += len(batch)
@@ -321,6 +333,21 @@ class AnalyzerSender:
                 counters[cell + C_RETRIES] += 1
             await asyncio.sleep(_retry_delay(backoff, retry_after))
             backoff = min(backoff * 2, self._config.retry_max_backoff)
+
+    async def _attempt(self, batch: list[Packet]) -> tuple[int, str | None, bool]:
+        """``_post`` as a future that ``abort_inflight`` can cancel without cancelling the batch."""
+        post = asyncio.ensure_future(self._post(batch))
+        self._posts.add(post)
+        try:
+            return await post
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # shutdown cancelled the batch itself
+                raise
+            self._log.warning("in-flight request aborted: the analyzer is down")
+            return 0, None, True
+        finally:
+            self._posts.discard(post)
 
     async def _post(self, batch: list[Packet]) -> tuple[int, str | None, bool]:
         """(status or 0, Retry-After, whether the analyzer may have taken it despite the failure)."""

@@ -41,6 +41,12 @@ def test_precedence_file_env_cli(tmp_path: Path) -> None:
     assert config.analyzers[0].weight == 2.0
 
 
+@pytest.mark.parametrize("text,value", [("false", False), ("OFF", False), ("0", False), ("true", True), ("yes", True)])
+def test_flags_from_the_environment(text: str, value: bool) -> None:
+    config = resolve(None, {"DISTRIBUTOR_OUTLIER_ABORT_INFLIGHT_ON_DOWN": text}, ONE, {})
+    assert config.outlier.abort_inflight_on_down is value
+
+
 def test_round_trip_for_workers() -> None:
     config = resolve(None, {}, ONE, {"sender": {"max_inflight": "9"}})
     assert from_dict(config.to_dict()) == config
@@ -66,6 +72,8 @@ def test_round_trip_for_workers() -> None:
         (ONE, {"ingest": {"header_timeout": "soon"}}, "ingest.header_timeout"),
         (ONE, {"sender": {"request_timeout": 0}}, "sender.request_timeout"),
         (ONE, {"sender": {"unknown_key": 1}}, "sender.unknown_key"),
+        (ONE, {"outlier": {"abort_inflight_on_down": "maybe"}}, "outlier.abort_inflight_on_down"),
+        (ONE, {"outlier": {"abort_inflight_on_down": 1}}, "outlier.abort_inflight_on_down"),
     ],
 )
 def test_invalid_config_names_the_field(top: dict, sections: dict, field: str) -> None:

@@ -137,6 +137,8 @@ class IngestWorker:
             was_available, queue.available = queue.available, available
             if available and not was_available:
                 app.senders[row.slot].notify()  # type: ignore[union-attr]
+            elif was_available and not available:
+                app.senders[row.slot].abort_inflight()  # type: ignore[union-attr]
         self.router.set_analyzers(generation, rows)
         self.ints[self.row + W_GENERATION] = generation
         self.fail_over_unavailable()
@@ -151,6 +153,7 @@ class IngestWorker:
         queue = self.app.queues[slot]
         assert queue is not None
         queue.available = False
+        self.app.senders[slot].abort_inflight()  # type: ignore[union-attr]
         self.ints[self.table.counter_index(self.slot, slot, C_EJECTION_REPORTS)] += 1
         name = self.app.senders[slot].name  # type: ignore[union-attr]
         log.warning("worker %d: ejecting analyzer %s after %d consecutive send failures", self.slot, name,

@@ -69,6 +69,25 @@ def test_stalled_analyzer_fails_over_and_the_others_keep_taking_load(
     report("stalled a1", {"detection_s": detection, **figures})
 
 
+def test_analyzer_marked_down_gives_up_its_inflight_requests_at_once(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    """Stalled with a 120 s request timeout: once a1 is down its hung batches fail over now, not in 120 s."""
+    cluster = make_cluster(analyzers=WEIGHTS, workers=2,
+                           distributor_args=[*FAST, "--set", "sender.request_timeout=120"])
+    load = start_load(cluster, 3.0)
+    wait_until(lambda: analyzer(cluster, "a1")["delivered_packets"] > 100, 10, "load to reach a1")
+    cluster.analyzer("a1").control(stall=True)
+    detection = wait_state(cluster, "a1", ("down", "ejected"))
+    stats = load.join()
+    cluster.wait_drained(timeout=60)  # while a1 still hangs: nothing may wait for its request timeout
+    a1 = analyzer(cluster, "a1")
+    assert a1["queue_packets"] == 0 and a1["possible_duplicates"] > 0  # aborted batches failed over as ambiguous
+    cluster.analyzer("a1").control(stall=False)
+    figures = check_invariants(cluster, stats)
+    report("a1 down with requests in flight", {"detection_s": detection, **figures})
+
+
 def test_slow_analyzer_is_saturated_and_gets_less(make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster(
         analyzers=WEIGHTS, workers=1, analyzer_args={"a1": ["--delay-ms", "150"]},
