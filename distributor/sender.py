@@ -97,6 +97,11 @@ class PacketQueue:
     def release(self, batch: list[Packet]) -> None:
         self._account(-len(batch), -sum(len(raw) for raw, _ in batch), -sum(n for _, n in batch))
 
+    def shrink(self, batch: list[Packet], kept: list[Packet]) -> None:
+        """Take off the books the part of an in-flight ``batch`` that is not in ``kept`` (it failed over)."""
+        self._account(len(kept) - len(batch), sum(len(raw) for raw, _ in kept) - sum(len(raw) for raw, _ in batch),
+                      sum(n for _, n in kept) - sum(n for _, n in batch))
+
     def take_all(self) -> list[Packet]:
         """Every queued (not in-flight) packet, off the books: the caller re-routes or puts them back."""
         packets = list(self.items)
@@ -323,8 +328,7 @@ class AnalyzerSender:
                 self._host.eject(self.slot)
             if not self.queue.available or self._retry_tokens < 1:
                 leftover = self._host.fail_over(self.slot, batch, ambiguous)
-                kept = {id(packet) for packet in leftover}
-                self.queue.release([packet for packet in batch if id(packet) not in kept])  # on other books now
+                self.queue.shrink(batch, leftover)  # what moved is on other queues' books now
                 batch[:] = leftover  # _ship releases what stays here
                 if not batch:
                     return

@@ -10,6 +10,8 @@ into the same ``RunResult`` so the benchmark treats them alike.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -136,7 +138,9 @@ class Probe:
     """A light open-loop side load that records latency *per status* (the emitter mixes them).
 
     Why: the stress scenario must show that 503 answers stay prompt while 202s
-    queue up; the emitter's single histogram cannot separate the two.
+    queue up; the emitter's single histogram cannot separate the two. It runs in
+    its own process (``ProbeResult.run``) so the emitter's busy loop does not
+    delay it and pass for a slow distributor.
     """
 
     def __init__(self, url: str, rate: float, connections: int = 4) -> None:
@@ -184,13 +188,29 @@ class Probe:
         return {str(code): h.summary_ms() for code, h in sorted(self.by_status.items())}
 
 
+@dataclass
+class ProbeResult:
+    """What a probe process saw: latency per status and the packets it got accepted."""
+
+    per_status: dict[str, dict[str, float]]
+    accepted_packets: int
+    accepted_messages: int
+    errors: int
+
+    @classmethod
+    def run(cls, url: str, rate: float, duration: float) -> "ProbeResult":
+        """Entry point of the probe process."""
+        probe = Probe(url, rate)
+        uvloop.run(probe.run(duration))
+        return cls(probe.summary(), probe.accepted_packets, probe.accepted_messages, probe.errors)
+
+
 def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: float | None = None,
                 probe_rate: float = 0.0) -> RunResult:
     """The uvloop emitter in this process (open loop when ``rate``), plus an optional per-status probe."""
     stats = LoadStats()
     spec = LoadSpec(url=url, duration=duration, connections=connections, rate=rate, sizes=SIZES[sizes],
                     emitter_prefix=f"bench-{os.urandom(3).hex()}")
-    probe = Probe(url, probe_rate) if probe_rate > 0 else None
 
     def sample() -> str:
         snap = stats.snapshot()
@@ -198,14 +218,12 @@ def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: f
         return (f"sent {snap['sent'] / elapsed:8.0f}/s  202 {snap['accepted_packets'] / elapsed:8.0f}/s  "
                 f"503 {snap['by_status'].get(503, 0)}  errors {snap['errors']}")
 
-    async def main() -> None:
-        if probe is None:
-            await run_load(spec, stats)
-        else:
-            await asyncio.gather(run_load(spec, stats), probe.run(duration))
-
-    with Progress("emitter", sample):
-        uvloop.run(main())
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # started first and given the same duration: the probe's run overlaps the emitter's
+        probe = pool.submit(ProbeResult.run, url, probe_rate, duration) if probe_rate > 0 else None
+        with Progress("emitter", sample):
+            uvloop.run(run_load(spec, stats))
+        probed = probe.result(timeout=duration + 60) if probe is not None else None
     snap = stats.snapshot()
     by_status = {str(code): n for code, n in sorted(snap["by_status"].items())}
     result = RunResult(
@@ -214,12 +232,12 @@ def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: f
         by_status=by_status, errors=snap["errors"], latency_ms=stats.latency.summary_ms(),
         service_ms=stats.service.summary_ms(),
     )
-    if probe is not None:
-        per_status = probe.summary()
+    if probed is not None:
+        per_status = probed.per_status
         result.latency_503_ms = per_status.get("503")
-        result.accepted_packets += probe.accepted_packets
-        result.accepted_messages = (result.accepted_messages or 0) + probe.accepted_messages
-        result.errors += probe.errors
+        result.accepted_packets += probed.accepted_packets
+        result.accepted_messages = (result.accepted_messages or 0) + probed.accepted_messages
+        result.errors += probed.errors
         merged = dict(result.by_status)
         for code, figures in per_status.items():
             merged[code] = merged.get(code, 0) + int(figures["count"])

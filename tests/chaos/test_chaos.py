@@ -133,11 +133,17 @@ def test_flapping_analyzer_waits_longer_each_time_and_others_keep_their_split(
 
 
 def test_all_analyzers_down_then_back(make_cluster: Callable[..., LocalCluster]) -> None:
+    """All stall under load: queued and in-flight packets wait (nowhere to fail over), new ones get 503 at once."""
     cluster = make_cluster(analyzers=WEIGHTS, workers=2, distributor_args=FAST)
+    load = start_load(cluster, 2.0)
+    wait_until(lambda: analyzer(cluster, "a4")["delivered_packets"] > 20, 10, "load to reach every analyzer")
     for proc in cluster.analyzer_procs:
         proc.control(stall=True)
     for name, _ in WEIGHTS:
         wait_state(cluster, name, ("down", "ejected"))
+    stats = load.join()
+    waiting = [a["queue_packets"] for a in cluster.admin("/admin/analyzers")["analyzers"]]
+    assert sum(waiting) > 0 and min(waiting) >= 0, waiting
     client = Client(cluster.data_port)
     latencies = []
     for i in range(300):
@@ -145,13 +151,15 @@ def test_all_analyzers_down_then_back(make_cluster: Callable[..., LocalCluster])
         status, headers, payload = client.post(packet(packet_id=f"down-{i}"))
         latencies.append(time.perf_counter() - started)
         assert status == 503 and int(headers["retry-after"]) >= 1 and payload["error"] == "no_capacity"
-    assert all(a["queue_packets"] == 0 for a in cluster.admin("/admin/analyzers")["analyzers"])
+    assert [a["queue_packets"] for a in cluster.admin("/admin/analyzers")["analyzers"]] == waiting  # none queued
     for proc in cluster.analyzer_procs:
         proc.control(stall=False)
+    figures = check_invariants(cluster, stats)  # what waited is delivered once they are back
     wait_until(lambda: client.post(packet(packet_id="back"))[0] == 202, 20, "recovery without a restart")
     client.close()
     latencies.sort()
-    report("all down", {"p50_503_ms": latencies[149] * 1e3, "p99_503_ms": latencies[296] * 1e3})
+    report("all down", {"p50_503_ms": latencies[149] * 1e3, "p99_503_ms": latencies[296] * 1e3,
+                        "waiting_while_down": sum(waiting), **figures})
 
 
 def test_flooding_emitter_is_rate_limited_alone(make_cluster: Callable[..., LocalCluster]) -> None:
