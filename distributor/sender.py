@@ -102,6 +102,10 @@ class PacketQueue:
         self._account(len(kept) - len(batch), sum(len(raw) for raw, _ in kept) - sum(len(raw) for raw, _ in batch),
                       sum(n for _, n in kept) - sum(n for _, n in batch))
 
+    def requeue(self, packets: list[Packet]) -> None:
+        """Move in-flight packets back to the head of the queue (they stay on the books)."""
+        self.items.extendleft(reversed(packets))
+
     def take_all(self) -> list[Packet]:
         """Every queued (not in-flight) packet, off the books: the caller re-routes or puts them back."""
         packets = list(self.items)
@@ -331,6 +335,10 @@ class AnalyzerSender:
                 self.queue.shrink(batch, leftover)  # what moved is on other queues' books now
                 batch[:] = leftover  # _ship releases what stays here
                 if not batch:
+                    return
+                if not self.queue.available:  # out, and nowhere else has room: wait queued, not on the wire
+                    self.queue.requeue(batch)
+                    batch.clear()
                     return
             else:
                 self._retry_tokens -= 1
