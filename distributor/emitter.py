@@ -12,7 +12,7 @@ scheduled send times and latency is measured from the *scheduled* time, so a
 stalled server shows up as latency instead of being hidden by coordinated
 omission). Service time, from the actual write, is kept beside it: the
 difference is the generator's own lateness (libuv timers tick in whole
-milliseconds), which the server did not cause).
+milliseconds), which the server did not cause.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
 _SERVICES = ("auth", "orders", "payments", "search", "gateway", "inventory", "notifications")
 
 
-def _message(rng: random.Random, now_ms: int) -> dict[str, Any]:
+def log_message(rng: random.Random, now_ms: int) -> dict[str, Any]:
+    """One realistic log message (level mix, templates, metadata); shared with the locust emitters."""
     level = rng.choices([lv for lv, _ in _LEVELS], [w for _, w in _LEVELS])[0]
     service = rng.choice(_SERVICES)
     text = rng.choice(_TEMPLATES[level]).format(
@@ -252,7 +253,7 @@ class PacketFactory:
         self._prefixes = [b'{"emitter_id":"%s","packet_id":"%s-%s-' % (e.encode(), e.encode(), nonce)
                           for e in self.emitter_ids]
         self.nonce = nonce.decode()
-        pools = {n: [b'","messages":' + orjson.dumps([_message(rng, now_ms) for _ in range(n)])
+        pools = {n: [b'","messages":' + orjson.dumps([log_message(rng, now_ms) for _ in range(n)])
                      for _ in range(POOL_PER_SIZE)] for n, _ in sizes}
         drawn = rng.choices([n for n, _ in sizes], [p for _, p in sizes], k=CYCLE)
         self._sizes = drawn

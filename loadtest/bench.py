@@ -29,7 +29,6 @@ import os
 import platform
 import shlex
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, Callable
 
 from distributor.localcluster import LocalCluster, wait_until
 from loadtest import generators
-from loadtest.generators import RunResult, run_emitter, run_wrk
+from loadtest.generators import EverySecond, RunResult, run_emitter, run_wrk
 from loadtest.nginx_baseline import INSTALL_HINT, NginxProxy, nginx_binary, nginx_version
 
 WEIGHTS = (("a1", 4.0), ("a2", 3.0), ("a3", 2.0), ("a4", 1.0))
@@ -304,31 +303,21 @@ class Bench:
         return {"pairs": pairs, "nginx_workers": self.args.workers, "nginx_conf": config}
 
 
-class RssSampler:
+class RssSampler(EverySecond):
     """Samples every worker's RSS from /admin/workers once a second while a run lasts."""
 
     def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__()
         self.cluster = cluster
         self.peak_rss_mb: dict[str, float] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self) -> None:
-        while not self.stop.wait(1.0):
-            try:
-                for w in self.cluster.admin("/admin/workers")["workers"]:
-                    slot = str(w["slot"])
-                    self.peak_rss_mb[slot] = max(self.peak_rss_mb.get(slot, 0.0), w.get("rss_bytes", 0) / 2**20)
-            except (OSError, ValueError, KeyError):
-                pass
-
-    def __enter__(self) -> "RssSampler":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+    def tick(self) -> None:
+        try:
+            for w in self.cluster.admin("/admin/workers")["workers"]:
+                slot = str(w["slot"])
+                self.peak_rss_mb[slot] = max(self.peak_rss_mb.get(slot, 0.0), w.get("rss_bytes", 0) / 2**20)
+        except (OSError, ValueError, KeyError):
+            pass
 
 
 def memory_scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -455,11 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--baseline", choices=("none", "nginx"), default="none")
     parser.add_argument("--queue-max-packets", type=int, default=5000, help="queue.max_packets of the bench cluster")
-    parser.add_argument("--memory", action="store_true", help="add the memory scenario (kept for old commands)")
     parser.add_argument("--queue-mib", type=int, default=32, help="queue.max_bytes per analyzer in the memory scenario")
     parser.add_argument("--output", default=None, help="JSON report (default loadtest/results/bench-<timestamp>.json)")
     args = parser.parse_args(argv)
-    scenarios = [s for s in args.scenarios.split(",") if s] + (["memory"] if args.memory else [])
+    scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(scenarios) - set(ALL_SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {','.join(ALL_SCENARIOS)}")

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Self
 from urllib.parse import urlsplit
 
 import uvloop
@@ -61,31 +61,44 @@ class RunResult:
         return self.by_status.get("503", 0) / max(self.answered, 1)
 
 
-class Progress:
-    """Prints one line per second to stderr while a run lasts (``sample`` says what to print)."""
+class EverySecond:
+    """A daemon thread that calls ``tick`` once a second for as long as the ``with`` block lasts."""
 
-    def __init__(self, label: str, sample: Callable[[], str]) -> None:
-        self.label = label
-        self.sample = sample
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.started = time.monotonic()
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
 
     def _loop(self) -> None:
-        while not self.stop.wait(1.0):
-            try:
-                text = self.sample()
-            except Exception as exc:  # progress must never kill a run
-                text = f"({exc.__class__.__name__})"
-            print(f"  [{self.label}] {time.monotonic() - self.started:5.1f}s {text}", file=sys.stderr, flush=True)
+        while not self._stop.wait(1.0):
+            self.tick()
 
-    def __enter__(self) -> "Progress":
-        self.thread.start()
+    def __enter__(self) -> Self:
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+        self._stop.set()
+        self._thread.join()
+
+
+class Progress(EverySecond):
+    """Prints one line per second to stderr while a run lasts (``sample`` says what to print)."""
+
+    def __init__(self, label: str, sample: Callable[[], str]) -> None:
+        super().__init__()
+        self.label = label
+        self.sample = sample
+        self.started = time.monotonic()
+
+    def tick(self) -> None:
+        try:
+            text = self.sample()
+        except Exception as exc:  # progress must never kill a run
+            text = f"({exc.__class__.__name__})"
+        print(f"  [{self.label}] {time.monotonic() - self.started:5.1f}s {text}", file=sys.stderr, flush=True)
 
 
 def wrk_available() -> bool:

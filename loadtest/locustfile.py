@@ -27,6 +27,8 @@ from locust import FastHttpUser, LoadTestShape, between, constant, events, tag, 
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from distributor.emitter import log_message
+
 INGEST = "/ingest"
 BACKPRESSURE = {429: f"{INGEST} 429 backpressure", 503: f"{INGEST} 503 backpressure"}
 MAX_ATTEMPTS = 5  # a packet is resent at most this often after 429/503
@@ -35,37 +37,14 @@ MESSAGES: dict[str, int] = {"accepted_packets": 0, "accepted_messages": 0}  # th
 
 # ------------------------------------------------------------------ realistic packets
 
-_LEVELS = ("INFO",) * 70 + ("DEBUG",) * 15 + ("WARN",) * 10 + ("ERROR",) * 4 + ("FATAL",)
-_SERVICES = ("auth", "orders", "payments", "search", "gateway", "inventory", "notifications", "billing")
-_TEXTS = {
-    "DEBUG": ("cache lookup key=session:{h} hit={b}", "pool stats active={n} idle={n2} waiters=0",
-              "parsed {n} headers in {us}us"),
-    "INFO": ("user u{id} login ok from 10.{n2}.{n}.7", "GET /api/v1/orders/{id} 200 in {ms}ms",
-             "POST /api/v1/checkout 201 in {ms}ms cart={h}", "job {h} finished in {ms}ms, {n} items",
-             "payment {id} authorized amount={amt} EUR"),
-    "WARN": ("slow query on orders took {ms}ms rows={n}", "retrying call to {svc} (attempt {a}/5)",
-             "rate limit at 80% for client {h}", "disk usage at {n2}% on /var/lib/data"),
-    "ERROR": ("upstream {svc} timed out after {ms}ms", "failed to publish event {h}: connection reset by peer",
-              "payment {id} declined: insufficient funds"),
-    "FATAL": ("out of memory: killed worker {n} of {svc}",),
-}
+
+def _pool(size: int = 4096) -> list[bytes]:
+    """Messages serialized once per process: the built-in emitter's (distributor.emitter.log_message)."""
+    now_ms = int(time.time() * 1000)
+    return [orjson.dumps(log_message(random.Random(i), now_ms)) for i in range(size)]
 
 
-def _message(rng: random.Random) -> bytes:
-    level = rng.choice(_LEVELS)
-    svc = rng.choice(_SERVICES)
-    text = rng.choice(_TEXTS[level]).format(
-        h=f"{rng.getrandbits(32):08x}", b=rng.random() < 0.8, n=rng.randint(1, 500), n2=rng.randint(0, 99),
-        us=rng.randint(3, 900), id=rng.randint(100000, 999999), ms=int(rng.lognormvariate(3.0, 1.0)) + 1,
-        amt=f"{rng.uniform(1, 500):.2f}", svc=rng.choice(_SERVICES), a=rng.randint(2, 5))
-    return orjson.dumps({
-        "timestamp": int(time.time() * 1000) - rng.randint(0, 5000), "level": level, "message": text,
-        "metadata": {"service": svc, "host": f"{svc}-{rng.randint(1, 24)}", "pod": f"{svc}-{rng.getrandbits(20):05x}",
-                     "trace_id": f"{rng.getrandbits(64):016x}", "region": rng.choice(("eu-west-1", "us-east-1"))},
-    })
-
-
-_POOL: list[bytes] = [_message(random.Random(i)) for i in range(4096)]  # serialized once per process
+_POOL = _pool()
 
 
 def message_count(rng: random.Random) -> int:

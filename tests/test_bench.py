@@ -35,3 +35,7 @@ def test_bench_throughput_report(tmp_path: Path) -> None:
     assert check["exact_vs_distributor"] and check["received_packets"] == check["client_accepted_packets"] > 0
     assert check["split_error_points"] < 1.0
     assert {"p50", "p99", "p99.9"} <= set(run["latency_ms"])
+    # service time runs from the write, the latency from the moment the request was due: never longer
+    assert run["service_ms"]["count"] == run["latency_ms"]["count"] > 0
+    assert run["service_ms"]["p99"] <= run["latency_ms"]["p99"]
+    assert run["handler_p99_le_ms"] is not None and run["handler_p99_le_ms"] > 0  # from the distributor's histogram
