@@ -61,7 +61,7 @@ def _analyzer_table(analyzer: AnalyzerConfig) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from distributor.control_plane import start_control_plane
+    from distributor.control.server import start_control_plane
     from distributor.supervisor import Supervisor
 
     config = config_from_args(args)
@@ -102,15 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", metavar="FILE")
     status = commands.add_parser("status", help="print the worker and analyzer tables of a running distributor")
-    from distributor.status import add_status_flags, run_status
+    from distributor.control.status import add_status_flags, run_status
 
     add_status_flags(status)
     admin = commands.add_parser("admin", help="drain, undrain, reweight, add or remove an analyzer (admin API)")
-    from distributor.admin_cli import add_admin_flags, run_admin
+    from distributor.control.admin_cli import add_admin_flags, run_admin
 
     add_admin_flags(admin)
     demo = commands.add_parser("demo", help="4 local analyzers + the distributor + emitter load, live table")
-    from distributor.demo import add_demo_flags
+    from distributor.tools.demo import add_demo_flags
 
     add_demo_flags(demo)
     commands.add_parser("bench", add_help=False, help="benchmark on 127.0.0.1; same flags as python -m loadtest.bench")
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_status(args)
         if args.command == "admin":
             return run_admin(args)
-        from distributor.demo import run_demo
+        from distributor.tools.demo import run_demo
 
         return run_demo(args)
     except ConfigError as exc:

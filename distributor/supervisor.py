@@ -21,7 +21,7 @@ from typing import Callable
 import orjson
 import psutil
 
-from distributor.analyzer_set import AnalyzerSet
+from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.config import Config, ConfigError
 from distributor.shared_table import (
     W_HEARTBEAT,

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from distributor.localcluster import LocalCluster, wait_until
+from distributor.tools.localcluster import LocalCluster, wait_until
 from loadtest import generators
 from loadtest.generators import EverySecond, RunResult, run_emitter, run_wrk
 from loadtest.nginx_baseline import INSTALL_HINT, NginxProxy, nginx_binary, nginx_version
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                                distributor_args=["--set", f"queue.max_packets={args.queue_max_packets}"])
         with cluster:
             bench = Bench(args, cluster)
-            report["generator"] = ("wrk " + (generators.wrk_version() or "")) if bench.wrk else "distributor.emitter"
+            report["generator"] = ("wrk " + (generators.wrk_version() or "")) if bench.wrk else "distributor.tools.emitter"
             peak = bench.throughput()
             report["max_packets_per_s"] = peak
             if "latency" in scenarios:
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             if "stress" in scenarios:
                 bench.stress(peak)
             runs = bench.runs
-    report.setdefault("generator", "distributor.emitter")
+    report.setdefault("generator", "distributor.tools.emitter")
     report["runs"] = runs
     if "memory" in scenarios:
         report["memory"] = memory_scenario(args)

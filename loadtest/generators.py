@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import uvloop
 
-from distributor.emitter import LatencyHistogram, LoadSpec, LoadStats, PacketFactory, run_load
+from distributor.tools.emitter import LatencyHistogram, LoadSpec, LoadStats, PacketFactory, run_load
 
 LUA = Path(__file__).with_name("wrk_ingest.lua")
 SIZES = {"fixed": ((10, 1.0),), "skewed": ((5, 0.5), (20, 0.5))}

@@ -27,7 +27,7 @@ from locust import FastHttpUser, LoadTestShape, between, constant, events, tag, 
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from distributor.emitter import log_message
+from distributor.tools.emitter import log_message
 
 INGEST = "/ingest"
 BACKPRESSURE = {429: f"{INGEST} 429 backpressure", 503: f"{INGEST} 503 backpressure"}
@@ -39,7 +39,7 @@ MESSAGES: dict[str, int] = {"accepted_packets": 0, "accepted_messages": 0}  # th
 
 
 def _pool(size: int = 4096) -> list[bytes]:
-    """Messages serialized once per process: the built-in emitter's (distributor.emitter.log_message)."""
+    """Messages serialized once per process: the built-in emitter's (distributor.tools.emitter.log_message)."""
     now_ms = int(time.time() * 1000)
     return [orjson.dumps(log_message(random.Random(i), now_ms)) for i in range(size)]
 

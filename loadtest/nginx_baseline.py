@@ -20,7 +20,7 @@ from typing import Sequence
 
 import psutil
 
-from distributor.localcluster import free_port, wait_until
+from distributor.tools.localcluster import free_port, wait_until
 
 INSTALL_HINT = "apt-get install -y nginx-light wrk"
 

@@ -11,7 +11,7 @@ import argparse
 import random
 import time
 
-from distributor.routing import Router
+from distributor.delivery.routing import Router
 from distributor.shared_table import ACTIVE, C_NET_ROUTED_MESSAGES, SharedTable
 
 

@@ -6,7 +6,7 @@ from typing import Any, Callable, Generator, Iterator
 
 import pytest
 
-from distributor.localcluster import LocalCluster
+from distributor.tools.localcluster import LocalCluster
 
 
 @pytest.fixture

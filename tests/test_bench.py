@@ -27,7 +27,7 @@ def test_bench_throughput_report(tmp_path: Path) -> None:
         assert key in report, key
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     assert {"python", "uvloop", "aiohttp", "orjson", "nginx", "wrk"} <= set(report["versions"])
-    assert report["generator"] == "distributor.emitter"
+    assert report["generator"] == "distributor.tools.emitter"
     assert report["check"]["passed"] is True
     run = report["runs"][0]
     assert run["scenario"] == "throughput" and run["packets_per_s"] > 0

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from distributor.localcluster import LocalCluster, free_port
+from distributor.tools.localcluster import LocalCluster, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

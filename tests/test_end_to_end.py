@@ -11,8 +11,8 @@ from typing import Callable
 import pytest
 import uvloop
 
-from distributor.emitter import LoadSpec, LoadStats, run_load
-from distributor.localcluster import LocalCluster, wait_until
+from distributor.tools.emitter import LoadSpec, LoadStats, run_load
+from distributor.tools.localcluster import LocalCluster, wait_until
 from support import Client, packet
 
 WEIGHTS = (("a1", 0.4), ("a2", 0.3), ("a3", 0.2), ("a4", 0.1))

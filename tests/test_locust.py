@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from distributor.localcluster import LocalCluster
+from distributor.tools.localcluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Callable
 
-from distributor.localcluster import LocalCluster
+from distributor.tools.localcluster import LocalCluster
 from support import Client, packet
 
 

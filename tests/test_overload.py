@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from distributor.localcluster import LocalCluster
+from distributor.tools.localcluster import LocalCluster
 from support import Client, packet
 
 WORKER_BYTES = 200_000

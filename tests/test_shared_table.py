@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from distributor.routing import Router
+from distributor.delivery.routing import Router
 from distributor.shared_table import (
     ACTIVE,
     C_NET_ROUTED_MESSAGES,

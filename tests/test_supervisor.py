@@ -15,8 +15,8 @@ from typing import Callable
 
 import uvloop
 
-from distributor.emitter import LoadSpec, LoadStats, run_load
-from distributor.localcluster import LocalCluster, free_port, wait_until
+from distributor.tools.emitter import LoadSpec, LoadStats, run_load
+from distributor.tools.localcluster import LocalCluster, free_port, wait_until
 from distributor.shared_table import NAME_PREFIX, SHM_DIR
 from support import Client, packet
 

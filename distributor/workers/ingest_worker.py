@@ -23,11 +23,12 @@ import orjson
 import uvloop
 
 from distributor.config import Config, from_dict
-from distributor.http11 import HttpLimits, HttpServer, HttpStats
-from distributor.ingest import IngestApp
+from distributor.ingest.http11 import HttpLimits, HttpServer, HttpStats
+from distributor.ingest.app import IngestApp
 from distributor.logs import setup_logging
-from distributor.routing import NO_ANALYZER, Router
-from distributor.sender import AnalyzerSender, Packet, PacketQueue
+from distributor.delivery.routing import NO_ANALYZER, Router
+from distributor.delivery.queue import Packet, PacketQueue
+from distributor.delivery.sender import AnalyzerSender
 from distributor.shared_table import (
     C_EJECTION_REPORTS,
     C_FAILOVER_MESSAGES,

@@ -10,8 +10,8 @@ from typing import Any
 
 import uvloop
 
-from distributor.emitter import LoadSpec, LoadStats, run_load
-from distributor.localcluster import LocalCluster, wait_until
+from distributor.tools.emitter import LoadSpec, LoadStats, run_load
+from distributor.tools.localcluster import LocalCluster, wait_until
 
 WEIGHTS = (("a1", 0.4), ("a2", 0.3), ("a3", 0.2), ("a4", 0.1))
 INTERVAL = 0.2

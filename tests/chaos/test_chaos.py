@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from chaos_support import FALL, FAST, INTERVAL, WEIGHTS, analyzer, check_invariants, report, start_load, wait_state
-from distributor.localcluster import LocalCluster, wait_until
+from distributor.tools.localcluster import LocalCluster, wait_until
 from support import Client, packet
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,11 +13,12 @@ from time import monotonic, perf_counter_ns
 import orjson
 
 from distributor.config import Config
-from distributor.contract import ContractError, parse_packet
-from distributor.http11 import Request, Response, json_error
-from distributor.ratelimit import RateLimiter
-from distributor.routing import NO_ANALYZER, Router
-from distributor.sender import AnalyzerSender, PacketQueue, QueueTotals
+from distributor.ingest.contract import ContractError, parse_packet
+from distributor.ingest.http11 import Request, Response, json_error
+from distributor.ingest.ratelimit import RateLimiter
+from distributor.delivery.routing import NO_ANALYZER, Router
+from distributor.delivery.queue import PacketQueue, QueueTotals
+from distributor.delivery.sender import AnalyzerSender
 from distributor.shared_table import (
     C_NET_ROUTED_MESSAGES,
     C_ROUTED_MESSAGES,

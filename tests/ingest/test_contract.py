@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from distributor.localcluster import LocalCluster
+from distributor.tools.localcluster import LocalCluster
 from support import Client, packet
 
 MAX_MESSAGES = 100
@@ -133,7 +133,7 @@ def test_forwarded_bytes_are_the_received_bytes(cluster: LocalCluster, client: C
     status, _, _ = client.post(raw)
     assert status == 202
     analyzer = cluster.analyzer("a1")
-    from distributor.localcluster import wait_until
+    from distributor.tools.localcluster import wait_until
 
     wait_until(lambda: ["bytes-e", "bytes-1"] in [list(k) for k in analyzer.packet_keys()], 10, "packet delivery")
     assert analyzer.stats()["levels"].get("WARN", 0) >= 1

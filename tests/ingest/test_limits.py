@@ -7,7 +7,7 @@ import socket
 import urllib.request
 from typing import Callable
 
-from distributor.localcluster import LocalCluster, wait_until
+from distributor.tools.localcluster import LocalCluster, wait_until
 from distributor.shared_table import NAME_PREFIX, SHM_DIR
 from support import Client, packet
 

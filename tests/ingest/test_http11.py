@@ -1,4 +1,4 @@
-"""Real-socket tests for distributor.http11: a live HttpServer in a background uvloop thread."""
+"""Real-socket tests for distributor.ingest.http11: a live HttpServer in a background uvloop thread."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import orjson
 import pytest
 import uvloop
 
-from distributor.http11 import HttpLimits, HttpServer, HttpStats, Request, Response, json_error
+from distributor.ingest.http11 import HttpLimits, HttpServer, HttpStats, Request, Response, json_error
 
 pytestmark = pytest.mark.timeout(30)
 T = TypeVar("T")

@@ -15,8 +15,8 @@ from typing import Any
 
 import uvloop
 
-from distributor.emitter import LoadSpec, LoadStats, run_load
-from distributor.localcluster import LocalCluster
+from distributor.tools.emitter import LoadSpec, LoadStats, run_load
+from distributor.tools.localcluster import LocalCluster
 
 
 def add_demo_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,8 +17,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from distributor.admin_api import AdminApi
-from distributor.metrics import TableCollector
+from distributor.control.admin_api import AdminApi
+from distributor.control.metrics import TableCollector
 from distributor.shared_table import (
     COUNTER_NAMES,
     HTTP_STAT_CELLS,

@@ -10,7 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from distributor.localcluster import LocalCluster, http_json, wait_until
+from distributor.control.client import http_json
+from distributor.tools.localcluster import LocalCluster, wait_until
 from support import Client, packet
 
 TOKEN = "t0ps3cret"

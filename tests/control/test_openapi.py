@@ -10,7 +10,8 @@ from typing import Callable
 
 import pytest
 
-from distributor.localcluster import LocalCluster, http_json
+from distributor.control.client import http_json
+from distributor.tools.localcluster import LocalCluster
 
 TOKEN = "schema-token"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance," \

@@ -1,11 +1,11 @@
-"""Properties of message-weighted routing (distributor.routing.pick)."""
+"""Properties of message-weighted routing (distributor.delivery.routing.pick)."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distributor.routing import NO_ANALYZER, pick
+from distributor.delivery.routing import NO_ANALYZER, pick
 
 weights_st = st.lists(st.floats(min_value=0.01, max_value=100, allow_nan=False), min_size=1, max_size=8)
 sizes_st = st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=400)

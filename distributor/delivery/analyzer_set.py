@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import aiohttp
 
 from distributor.config import AnalyzerConfig, Config, ConfigError, validate_analyzer
-from distributor.health import AnalyzerHealth, check
+from distributor.delivery.health import AnalyzerHealth, check
 from distributor.shared_table import (
     C_EJECTION_REPORTS,
     C_QUEUE_PACKETS,

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from distributor.emitter import LatencyHistogram, LoadSpec, LoadStats, PacketFactory, main, run_load
+from distributor.tools.emitter import LatencyHistogram, LoadSpec, LoadStats, PacketFactory, main, run_load
 
 
 class IngestServer:

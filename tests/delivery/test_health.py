@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distributor.config import HealthConfig, OutlierConfig
-from distributor.health import AnalyzerHealth, CheckResult, judge
+from distributor.delivery.health import AnalyzerHealth, CheckResult, judge
 from distributor.shared_table import ACTIVE, DOWN, EJECTED, SATURATED, WARMING
 
 HEALTH = HealthConfig(interval=1.0, timeout=0.5, fall=3, rise=2, max_queue_depth=10, max_latency_ms=100,

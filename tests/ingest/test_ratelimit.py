@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distributor.config import RateLimit, RateLimitConfig
-from distributor.ratelimit import RateLimiter
+from distributor.ingest.ratelimit import RateLimiter
 from distributor.shared_table import SharedTable
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from distributor.analyzer_set import UnknownAnalyzer
+from distributor.delivery.analyzer_set import UnknownAnalyzer
 from distributor.config import MODES, AnalyzerConfig, ConfigError
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import time
 import urllib.error
 from typing import Any
 
-from distributor.localcluster import http_json
+from distributor.control.client import http_json
 
 MIB = 1 << 20
 

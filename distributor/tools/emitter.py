@@ -523,8 +523,8 @@ def summary(stats: LoadStats) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distributor.emitter --url http://127.0.0.1:8080/ingest --duration 10``."""
-    parser = argparse.ArgumentParser(prog="python -m distributor.emitter", description=__doc__.splitlines()[0])
+    """``python -m distributor.tools.emitter --url http://127.0.0.1:8080/ingest --duration 10``."""
+    parser = argparse.ArgumentParser(prog="python -m distributor.tools.emitter", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/ingest")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     parser.add_argument("--connections", type=int, default=64, help="keep-alive connections (default 64)")
