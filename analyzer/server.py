@@ -4,7 +4,7 @@ Endpoints:
   POST /ingest         one JSON packet
   POST /ingest/batch   NDJSON packets, optional ``X-Packet-Count`` header
   GET  /health         liveness + inflight/queue depth/latency (stallable)
-  GET  /stats          counters; GET /stats/packets: keys in the dedup window
+  GET  /stats          counters, top entries per table; GET /stats/packets: received keys, paged
   GET|POST /control    runtime fault injection (delay_ms, error_rate, stall)
 """
 
@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +25,19 @@ import orjson
 from aiohttp import web
 
 from analyzer.faults import ControlError, FaultState, Slots
-from analyzer.stats import DedupWindow, LatencyRing, Stats
+from analyzer.stats import MAX_KEY_CHARS, BoundedCounts, DedupWindow, LatencyRing, PacketLog, Stats
 
 log = logging.getLogger("analyzer")
 
 MAX_BODY = 64 * 1024 * 1024
 DEFAULT_CONCURRENCY = 64
 DEFAULT_DEDUP_WINDOW = 2_000_000
+DEFAULT_MAX_EMITTERS = 10_000
+DEFAULT_MAX_LEVELS = 256
+# A /stats/packets page: at most 10,000 keys (also the default) and about 1M
+# characters of ids, so about 1 MB of JSON whatever the id lengths.
+PAGE_MAX = 10_000
+PAGE_MAX_CHARS = 1_000_000
 SHUTDOWN_TIMEOUT_S = 5.0
 
 Packet = tuple[str, str, list[Any]]
@@ -45,6 +52,9 @@ class Config:
     stall: bool = False
     concurrency: int = DEFAULT_CONCURRENCY
     dedup_window: int = DEFAULT_DEDUP_WINDOW
+    record_packets: int = DEFAULT_DEDUP_WINDOW
+    max_tracked_emitters: int = DEFAULT_MAX_EMITTERS
+    max_levels: int = DEFAULT_MAX_LEVELS
     sink: bool = False  # benchmark sink: count packets/messages only (see sink_ingest)
 
 
@@ -54,7 +64,15 @@ class State:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.name = config.name
-        self.stats = Stats(window=DedupWindow(config.dedup_window))
+        self.stats = Stats(
+            window=DedupWindow(config.dedup_window),
+            log=PacketLog(config.record_packets),
+            levels=BoundedCounts(config.max_levels),
+            emitters=BoundedCounts(config.max_tracked_emitters),
+        )
+        # In every /stats/packets cursor, so a cursor from an earlier process on
+        # the same port is refused instead of silently skipping keys.
+        self.run_id = secrets.token_hex(4)
         self.faults = FaultState(config.delay_ms, config.error_rate, config.stall)
         self.slots = Slots(config.concurrency)
         self.latency = LatencyRing(1024)
@@ -65,7 +83,7 @@ STATE: web.AppKey[State] = web.AppKey("analyzer_state", State)
 
 
 class BadRequest(Exception):
-    """Client error on an ingest endpoint; answered 400 and counted as rejected."""
+    """Client error; answered 400 (and counted as a rejected request on the ingest endpoints)."""
 
     def __init__(self, error: str, detail: str) -> None:
         super().__init__(detail)
@@ -113,7 +131,14 @@ def validate_packet(obj: Any, where: str) -> Packet:
         raise BadRequest("invalid_packet", f"{where}: packet_id must be a string")
     if not isinstance(messages, list):
         raise BadRequest("invalid_packet", f"{where}: messages must be a list")
+    check_key_length(emitter_id, packet_id, where)
     return emitter_id, packet_id, messages
+
+
+def check_key_length(emitter_id: str, packet_id: str, where: str) -> None:
+    """The contract's id limit: the dedup window and the packet log keep every key, so its size must be bounded."""
+    if len(emitter_id) > MAX_KEY_CHARS or len(packet_id) > MAX_KEY_CHARS:
+        raise BadRequest("invalid_packet", f"{where}: emitter_id and packet_id must be <= {MAX_KEY_CHARS} characters")
 
 
 def parse_single(body: bytes) -> list[Packet]:
@@ -171,11 +196,12 @@ def sink_ingest(stats: Stats, body: bytes, batch: bool, declared: str | None) ->
             raise BadRequest("invalid_packet", f"line {i}: {exc!r}") from None
         if not (isinstance(key[0], str) and isinstance(key[1], str) and isinstance(messages, list)):
             raise BadRequest("invalid_packet", f"line {i}: emitter_id, packet_id, messages have wrong types")
+        check_key_length(key[0], key[1], f"line {i}")
         keys.append((key, len(messages)))
-    add = stats.window.add
+    accept = stats.accept
     accepted = total = 0
     for key, n in keys:
-        if add(key):
+        if accept(key):
             accepted += 1
             total += n
     stats.packets += accepted
@@ -254,9 +280,52 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(state.stats.snapshot(state.name))
 
 
+def _page_params(state: State, query: Mapping[str, str]) -> tuple[int, int]:
+    """``(start, limit)`` from ``?after=<cursor>&limit=<n>``; BadRequest if either is not one we handed out."""
+    log = state.stats.log
+    after = query.get("after")
+    start = 0
+    if after is not None:
+        run, _, position = after.partition(".")
+        if run != state.run_id or not (position.isascii() and position.isdigit()):
+            raise BadRequest("invalid_cursor", f"after={after!r} is not a cursor of this analyzer process")
+        start = int(position)
+        if start > len(log):
+            raise BadRequest("invalid_cursor", f"after={after!r} is beyond the {len(log)} recorded keys")
+    text = query.get("limit", str(PAGE_MAX))
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= PAGE_MAX:
+        raise BadRequest("invalid_limit", f"limit must be an integer in [1, {PAGE_MAX}], got {text!r}")
+    return start, limit
+
+
 async def stats_packets(request: web.Request) -> web.Response:
+    """One page of received packet keys, oldest first, and the cursor of the next page.
+
+    Paged because the whole list reached 100 MB in one body and blocked the
+    event loop for a second. ``next`` is always given, so a reader can also come
+    back later for keys that arrive after its last page; ``more`` says whether
+    there were already more when this page was cut.
+    """
     state = request.app[STATE]
-    return json_response({"packets": state.stats.window.keys()})
+    try:
+        start, limit = _page_params(state, request.query)
+    except BadRequest as exc:
+        return error_response(400, exc.error, exc.detail)
+    log = state.stats.log
+    keys = log.page(start, limit, PAGE_MAX_CHARS)
+    end = start + len(keys)
+    return json_response({
+        "packets": keys,
+        "next": f"{state.run_id}.{end}",
+        "more": end < len(log),
+        "recorded": len(log),
+        "not_recorded": log.not_recorded,
+        "record_limit": log.limit,
+    })
 
 
 async def control_get(request: web.Request) -> web.Response:
@@ -334,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dedup-window", type=_bounded(int, 1), default=DEFAULT_DEDUP_WINDOW, help="packet keys remembered"
     )
+    p.add_argument("--record-packets", type=_bounded(int, 0), default=None,
+                   help="accepted packet keys kept for /stats/packets, later ones only counted as not_recorded "
+                        "(default: the --dedup-window value)")
+    p.add_argument("--max-tracked-emitters", type=_bounded(int, 0), default=DEFAULT_MAX_EMITTERS,
+                   help="emitters counted one by one; messages of further emitters go to the overflow count")
+    p.add_argument("--max-levels", type=_bounded(int, 0), default=DEFAULT_MAX_LEVELS,
+                   help="levels counted one by one; messages of further levels go to the overflow count")
     p.add_argument("--sink", action="store_true",
                    help="benchmark sink: dedup and count packets/messages only, no per-level/emitter counts")
     return p
@@ -376,6 +452,10 @@ def main(argv: list[str] | None = None) -> None:
         stall=args.stall,
         concurrency=args.concurrency,
         dedup_window=args.dedup_window,
+        # Default to the window so --dedup-window alone still bounds the keys held.
+        record_packets=args.dedup_window if args.record_packets is None else args.record_packets,
+        max_tracked_emitters=args.max_tracked_emitters,
+        max_levels=args.max_levels,
         sink=args.sink,
     )
     host, port = args.listen

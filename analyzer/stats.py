@@ -1,16 +1,29 @@
-"""Counting, idempotency window and latency ring for the analyzer.
+"""Counting, idempotency window, received-key log and latency ring for the analyzer.
 
 Kept free of aiohttp so it can be unit-tested and reused; everything here is
 touched only from the event loop thread, so no locking is needed.
+
+Every structure here is bounded: clients choose emitter ids, packet ids and
+levels, so anything keyed by them would otherwise grow with every new value a
+client invents (300k distinct emitters once took the RSS from 39 to 228 MB).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 PacketKey = tuple[str, str]
+
+# Longest key kept in any table; the packet contract's limit for emitter_id and
+# packet_id, so one huge string cannot make a single entry arbitrarily large.
+MAX_KEY_CHARS = 256
+# Entries per table that /stats returns, largest counts first: keeps the body
+# (and the time the event loop spends encoding it) small whatever the traffic.
+STATS_TOP = 100
 
 
 class DedupWindow:
@@ -39,15 +52,100 @@ class DedupWindow:
         self._order.append(key)
         return True
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
     def __len__(self) -> int:
         return len(self._order)
 
-    def keys(self) -> list[PacketKey]:
-        """Keys oldest first (what /stats/packets exposes)."""
-        return list(self._order)
+
+class PacketLog:
+    """Every accepted packet key in arrival order, up to ``limit`` keys (what /stats/packets pages through).
+
+    Tests compare it with every key the distributor answered 202, so it must
+    never be short without saying so: once full, further keys are only counted
+    in ``not_recorded``. Append-only, so a position is a stable paging cursor
+    even while packets keep arriving.
+    """
+
+    __slots__ = ("_keys", "limit", "not_recorded")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("packet log limit must be >= 0")
+        self.limit = limit
+        self._keys: list[PacketKey] = []
+        self.not_recorded = 0
+
+    def append(self, key: PacketKey) -> None:
+        if len(self._keys) < self.limit:
+            self._keys.append(key)
+        else:
+            self.not_recorded += 1
+
+    def page(self, start: int, count: int, max_chars: int) -> list[PacketKey]:
+        """Up to ``count`` keys from position ``start``, oldest first.
+
+        Cut short once the ids pass ``max_chars`` characters (but never empty when
+        keys remain), so long ids cannot make one page, and its encoding, large.
+        """
+        keys = self._keys[start:start + count]
+        chars = 0
+        for i, (emitter_id, packet_id) in enumerate(keys):
+            chars += len(emitter_id) + len(packet_id)
+            if chars > max_chars and i:
+                return keys[:i]
+        return keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def snapshot(self) -> dict[str, int]:
+        return {"limit": self.limit, "recorded": len(self._keys), "not_recorded": self.not_recorded}
+
+
+class BoundedCounts:
+    """Message counts per client-chosen key (emitter id, level) for at most ``limit`` keys.
+
+    A key first seen when the table is full, or longer than MAX_KEY_CHARS, is
+    not stored: its messages go to one ``overflow`` count, so the table plus
+    the overflow still add up to every message counted. ``folded`` counts those
+    updates (one per packet for emitters, per message for levels); how many
+    *distinct* keys they were cannot be known without storing them.
+    """
+
+    __slots__ = ("counts", "folded", "limit", "overflow")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("table limit must be >= 0")
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.overflow = 0
+        self.folded = 0
+
+    def add(self, key: str, n: int = 1) -> None:
+        counts = self.counts
+        if key in counts:
+            counts[key] += n
+        elif len(counts) < self.limit and len(key) <= MAX_KEY_CHARS:
+            counts[key] = n
+        else:
+            self.overflow += n
+            self.folded += 1
+
+    def top(self, n: int = STATS_TOP) -> dict[str, int]:
+        """The ``n`` largest counts, largest first (ties in first-seen order)."""
+        return dict(heapq.nlargest(n, self.counts.items(), key=itemgetter(1)))
+
+    def summary(self, shown: int) -> dict[str, Any]:
+        """Limit, size and overflow; ``total`` is exact even when only the top entries are shown."""
+        return {
+            "limit": self.limit,
+            "tracked": len(self.counts),
+            "shown": shown,
+            "truncated": shown < len(self.counts),
+            "overflow": self.overflow,
+            "folded": self.folded,
+            "total": sum(self.counts.values()) + self.overflow,
+        }
 
 
 class LatencyRing:
@@ -83,6 +181,9 @@ class Stats:
     """Aggregate "analysis" results plus request accounting."""
 
     window: DedupWindow
+    log: PacketLog
+    levels: BoundedCounts
+    emitters: BoundedCounts
     packets: int = 0
     messages: int = 0
     duplicates: int = 0
@@ -91,8 +192,13 @@ class Stats:
     rejected_requests: int = 0
     injected_errors: int = 0
     bytes_received: int = 0
-    levels: dict[str, int] = field(default_factory=dict)
-    emitters: dict[str, int] = field(default_factory=dict)
+
+    def accept(self, key: PacketKey) -> bool:
+        """Remember a packet key; False if it is a duplicate within the dedup window."""
+        if not self.window.add(key):
+            return False
+        self.log.append(key)  # the same tuple as in the window: no second copy while both hold it
+        return True
 
     def ingest(self, packets: list[tuple[str, str, list[Any]]]) -> tuple[int, int]:
         """Count already-validated packets; return ``(accepted, duplicates)``.
@@ -102,25 +208,26 @@ class Stats:
         """
         accepted = 0
         dups = 0
-        levels = self.levels
+        add_level = self.levels.add
         for emitter_id, packet_id, messages in packets:
-            if not self.window.add((emitter_id, packet_id)):
+            if not self.accept((emitter_id, packet_id)):
                 dups += 1
                 continue
             accepted += 1
             n = len(messages)
             self.messages += n
-            self.emitters[emitter_id] = self.emitters.get(emitter_id, 0) + n
+            self.emitters.add(emitter_id, n)
             for msg in messages:
                 level = msg.get("level") if isinstance(msg, dict) else None
-                if not isinstance(level, str):
-                    level = "UNKNOWN"
-                levels[level] = levels.get(level, 0) + 1
+                add_level(level if isinstance(level, str) else "UNKNOWN")
         self.packets += accepted
         self.duplicates += dups
         return accepted, dups
 
     def snapshot(self, name: str) -> dict[str, Any]:
+        """Totals and the top STATS_TOP entries per table: small and quick to encode at any traffic."""
+        levels = self.levels.top()
+        emitters = self.emitters.top()
         return {
             "name": name,
             "packets": self.packets,
@@ -131,6 +238,12 @@ class Stats:
             "rejected_requests": self.rejected_requests,
             "injected_errors": self.injected_errors,
             "bytes_received": self.bytes_received,
-            "levels": dict(self.levels),
-            "emitters": dict(self.emitters),
+            "levels": levels,
+            "emitters": emitters,
+            "tables": {
+                "levels": self.levels.summary(len(levels)),
+                "emitters": self.emitters.summary(len(emitters)),
+            },
+            "dedup_window": {"capacity": self.window.capacity, "size": len(self.window)},
+            "packet_log": self.log.snapshot(),
         }

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+
+from distributor.tools.localcluster import AnalyzerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 15.0
@@ -101,6 +104,31 @@ class Analyzer:
         status, body = self.get("/stats")
         assert status == 200
         return body
+
+    def stats_bytes(self) -> bytes:
+        """The raw /stats body, to check its size."""
+        with urllib.request.urlopen(self.base + "/stats", timeout=10) as resp:
+            return bytes(resp.read())
+
+    def pages(self, limit: int | None = None, between: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        """Every /stats/packets page, following ``next`` while ``more``; ``between`` runs after each page."""
+        pages: list[dict[str, Any]] = []
+        query = f"?limit={limit}" if limit else ""
+        while True:
+            status, page = self.get("/stats/packets" + query)
+            assert status == 200, page
+            pages.append(page)
+            if between:
+                between()
+            if not page["more"]:
+                return pages
+            query = f"?after={page['next']}" + (f"&limit={limit}" if limit else "")
+
+    def keys(self) -> list[tuple[str, str]]:
+        return [(e, p) for page in self.pages() for e, p in page["packets"]]
+
+    def rss_mb(self) -> float:
+        return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -217,7 +245,7 @@ def test_batch_count_mismatch_400(start_analyzer: Callable[..., Analyzer], heade
     assert status == 400 and body["error"] and body["detail"]
     s = an.stats()
     assert (s["packets"], s["rejected_requests"]) == (0, 1)
-    assert an.get("/stats/packets") == (200, {"packets": []})
+    assert an.get("/stats/packets")[1]["packets"] == []
 
 
 @pytest.mark.parametrize(
@@ -267,24 +295,34 @@ def test_levels_and_emitters(start_analyzer: Callable[..., Analyzer]) -> None:
     assert s["messages"] == 5
 
 
-def test_stats_packets_lists_window(start_analyzer: Callable[..., Analyzer]) -> None:
+def test_stats_packets_lists_received_keys(start_analyzer: Callable[..., Analyzer]) -> None:
     an = start_analyzer()
     an.batch([packet("a", "1"), packet("b", "2")], count=2)
     an.ingest(packet("a", "1"))
     status, body = an.get("/stats/packets")
     assert status == 200
-    assert sorted(map(tuple, body["packets"])) == [("a", "1"), ("b", "2")]
+    assert body["packets"] == [["a", "1"], ["b", "2"]]  # arrival order; the duplicate is not listed again
+    assert (body["more"], body["recorded"], body["not_recorded"]) == (False, 2, 0)
 
 
 def test_dedup_window_eviction(start_analyzer: Callable[..., Analyzer]) -> None:
-    an = start_analyzer("--dedup-window", "2")
+    an = start_analyzer("--dedup-window", "2", "--record-packets", "10")
     for pid in ("1", "2", "3"):
         assert an.ingest(packet("e", pid))[1]["accepted"] == 1
-    assert an.get("/stats/packets")[1] == {"packets": [["e", "2"], ["e", "3"]]}
+    assert an.stats()["dedup_window"] == {"capacity": 2, "size": 2}
     assert an.ingest(packet("e", "3")) == (200, {"accepted": 0, "duplicates": 1})
-    # "1" was evicted, so it is accepted (and counted) again.
+    # "1" was evicted, so it is accepted (and counted) again, and listed again.
     assert an.ingest(packet("e", "1")) == (200, {"accepted": 1, "duplicates": 0})
     assert an.stats()["packets"] == 4
+    assert an.keys() == [("e", "1"), ("e", "2"), ("e", "3"), ("e", "1")]
+
+
+def test_record_packets_defaults_to_dedup_window(start_analyzer: Callable[..., Analyzer]) -> None:
+    """--dedup-window alone bounds every key the analyzer holds, as it did before keys were logged."""
+    an = start_analyzer("--dedup-window", "2")
+    for pid in ("1", "2", "3"):
+        an.ingest(packet("e", pid))
+    assert an.stats()["packet_log"] == {"limit": 2, "recorded": 2, "not_recorded": 1}
 
 
 def test_error_rate_one_returns_500_and_counts_nothing(start_analyzer: Callable[..., Analyzer]) -> None:
@@ -403,7 +441,9 @@ def test_sigint_exits_zero(start_analyzer: Callable[..., Analyzer]) -> None:
 @pytest.mark.parametrize(
     "args",
     [["--listen", "nohostport"], ["--listen", "127.0.0.1:70000"], ["--listen", "127.0.0.1:1", "--error-rate", "2"],
-     ["--listen", "127.0.0.1:1", "--concurrency", "0"], ["--listen", "127.0.0.1:1", "--delay-ms", "-5"], []],
+     ["--listen", "127.0.0.1:1", "--concurrency", "0"], ["--listen", "127.0.0.1:1", "--delay-ms", "-5"], [],
+     ["--listen", "127.0.0.1:1", "--max-levels", "-1"], ["--listen", "127.0.0.1:1", "--max-tracked-emitters", "x"],
+     ["--listen", "127.0.0.1:1", "--record-packets", "-1"]],
 )
 def test_bad_cli_args_exit_2(args: list[str]) -> None:
     res = subprocess.run([sys.executable, "-m", "analyzer.server", *args], cwd=ROOT,
@@ -428,3 +468,162 @@ def test_sink_counts_packets_and_messages_only(start_analyzer: Callable[..., Ana
     assert (s["packets"], s["messages"], s["duplicates"], s["rejected_requests"]) == (2, 7, 1, 3)
     assert s["levels"] == {} and s["emitters"] == {}
     assert sorted(an.get("/stats/packets")[1]["packets"]) == [["a", "1"], ["b", "2"]]
+
+
+# ------------------------------------------------ bounded tables and paging
+
+
+def send_distinct(an: Analyzer, count: int, start: int = 0, id_chars: int = 16, level: str | None = None,
+                  chunk: int = 2000) -> None:
+    """``count`` packets from distinct emitters (one message each), in batches; ``level=None``: a distinct level each."""
+    for lo in range(start, start + count, chunk):
+        pkts = [packet(f"e{i}-".ljust(id_chars, "x"), "p", (level or f"L{i}",))
+                for i in range(lo, min(start + count, lo + chunk))]
+        status, body = an.batch(pkts, count=len(pkts))
+        assert status == 200 and body["accepted"] == len(pkts), body
+
+
+def test_emitter_table_limit_folds_into_overflow(start_analyzer: Callable[..., Analyzer]) -> None:
+    an = start_analyzer("--max-tracked-emitters", "100")
+    send_distinct(an, 1000, level="INFO")
+    an.ingest(packet("e0-".ljust(16, "x"), "again", ("INFO", "INFO")))  # tracked: counted in the table
+    an.ingest(packet("e999-".ljust(16, "x"), "again", ("INFO",)))  # folded before: folded again
+    s = an.stats()
+    table = s["tables"]["emitters"]
+    assert table == {"limit": 100, "tracked": 100, "shown": 100, "truncated": False,
+                     "overflow": 901, "folded": 901, "total": 1003}
+    assert sum(s["emitters"].values()) + table["overflow"] == s["messages"] == 1003
+    assert s["emitters"]["e0-".ljust(16, "x")] == 3
+    assert "e999-".ljust(16, "x") not in s["emitters"]
+    assert s["tables"]["levels"]["total"] == 1003 and s["levels"] == {"INFO": 1003}
+
+
+def test_level_table_limit_and_long_levels(start_analyzer: Callable[..., Analyzer]) -> None:
+    an = start_analyzer("--max-levels", "3")
+    an.ingest(packet("a", "1", ("INFO", "WARN", "ERROR", "DEBUG", "TRACE", "INFO")))
+    an.ingest(packet("a", "2", ("DEBUG", "WARN")))
+    s = an.stats()
+    assert s["levels"] == {"INFO": 2, "WARN": 2, "ERROR": 1}
+    assert s["tables"]["levels"] == {"limit": 3, "tracked": 3, "shown": 3, "truncated": False,
+                                     "overflow": 3, "folded": 3, "total": 8}
+    # A level longer than 256 characters is never stored, even with room in the table.
+    an2 = start_analyzer()
+    an2.ingest(packet("a", "1", ("X" * 257, "X" * 256)))
+    s2 = an2.stats()
+    assert s2["levels"] == {"X" * 256: 1}
+    assert (s2["tables"]["levels"]["overflow"], s2["tables"]["levels"]["total"]) == (1, 2)
+
+
+def test_ids_longer_than_the_contract_are_rejected(start_analyzer: Callable[..., Analyzer]) -> None:
+    """The dedup window and the key log hold every id, so an id's size is bounded like the distributor's contract."""
+    for args in ((), ("--sink",)):
+        an = start_analyzer(*args)
+        status, body = an.ingest(packet("e", "p" * 257))
+        assert status == 400 and body["error"] == "invalid_packet"
+        status, _ = an.batch([packet("e", "ok"), packet("e" * 257, "p")], count=2)
+        assert status == 400
+        assert an.ingest(packet("e" * 256, "p" * 256)) == (200, {"accepted": 1, "duplicates": 0})
+        s = an.stats()
+        assert (s["packets"], s["rejected_requests"]) == (1, 2)
+        assert an.keys() == [("e" * 256, "p" * 256)]
+
+
+def test_stats_body_stays_small_with_many_keys(start_analyzer: Callable[..., Analyzer]) -> None:
+    """/stats shows the 100 largest entries per table with exact totals, whatever the number of keys."""
+    an = start_analyzer()
+    send_distinct(an, 20_000, id_chars=200)  # 20k emitters and 20k levels, all distinct
+    busy = "e5-".ljust(200, "x")
+    an.ingest(packet(busy, "again", ("L5",) * 50))
+    raw = an.stats_bytes()
+    assert len(raw) < 64 * 1024, len(raw)
+    s = json.loads(raw)
+    emitters, levels = s["tables"]["emitters"], s["tables"]["levels"]
+    assert emitters == {"limit": 10_000, "tracked": 10_000, "shown": 100, "truncated": True,
+                        "overflow": 10_000, "folded": 10_000, "total": 20_050}
+    assert levels == {"limit": 256, "tracked": 256, "shown": 100, "truncated": True,
+                      "overflow": 19_744, "folded": 19_744, "total": 20_050}
+    assert len(s["emitters"]) == len(s["levels"]) == 100
+    assert list(s["emitters"].items())[0] == (busy, 51) and list(s["levels"].items())[0] == ("L5", 51)
+
+
+def test_paging_returns_every_key_once_while_packets_arrive(start_analyzer: Callable[..., Analyzer]) -> None:
+    an = start_analyzer()
+    send_distinct(an, 2500)
+    arrived = iter(range(2500, 10_000, 700))
+
+    def more_packets() -> None:
+        start = next(arrived, None)
+        if start is not None:
+            send_distinct(an, 700, start=start)
+
+    pages = an.pages(limit=1000, between=more_packets)
+    keys = [(e, p) for page in pages for e, p in page["packets"]]
+    sent = 2500 + 700 * len(pages)  # one arrival after each page, including the last
+    expected = [(f"e{i}-".ljust(16, "x"), "p") for i in range(sent)]
+    assert keys == expected[:len(keys)]  # exactly once each, in arrival order
+    assert all(len(page["packets"]) == 1000 for page in pages[:-1])
+    # The last page's cursor picks up exactly what arrived after it.
+    status, rest = an.get(f"/stats/packets?after={pages[-1]['next']}")
+    assert status == 200 and not rest["more"]
+    assert keys + [(e, p) for e, p in rest["packets"]] == expected
+    assert an.get(f"/stats/packets?after={rest['next']}")[1]["packets"] == []
+
+
+def test_paging_default_and_max_limit(start_analyzer: Callable[..., Analyzer]) -> None:
+    an = start_analyzer("--sink")
+    send_distinct(an, 10_050, chunk=10_050)
+    first = an.get("/stats/packets")[1]
+    assert (len(first["packets"]), first["more"], first["recorded"]) == (10_000, True, 10_050)
+    assert len(an.get("/stats/packets?limit=10000")[1]["packets"]) == 10_000
+    for bad in ("0", "10001", "-1", "x", ""):
+        status, body = an.get(f"/stats/packets?limit={bad}")
+        assert status == 400 and body["error"] == "invalid_limit", bad
+    for bad in ("", "x", "0", first["next"].split(".")[0] + ".10051", "deadbeef.5", first["next"] + "x"):
+        status, body = an.get(f"/stats/packets?after={bad}")
+        assert status == 400 and body["error"] == "invalid_cursor", bad
+    # localcluster's packet_keys() (used by the end-to-end and chaos checks) follows the pages.
+    proc = AnalyzerProcess("t1", [], Path(os.devnull), port=int(an.base.rsplit(":", 1)[1]))
+    assert proc.packet_keys() == [(f"e{i}-".ljust(16, "x"), "p") for i in range(10_050)]
+
+
+def test_pages_are_cut_by_size_with_long_ids(start_analyzer: Callable[..., Analyzer]) -> None:
+    """Pages hold about 1M characters of ids at most, so 256-character ids give ~1 MB pages, not 5 MB."""
+    an = start_analyzer("--sink")
+    pkts = [packet(f"e{i}-".ljust(256, "x"), f"p{i}-".ljust(256, "y")) for i in range(5000)]
+    assert an.batch(pkts, count=len(pkts))[0] == 200
+    pages = an.pages()
+    assert [len(p["packets"]) for p in pages] == [1953, 1953, 1094]  # 1,000,000 // 512 keys per page
+    assert [(e, p) for page in pages for e, p in page["packets"]] == [
+        (pkt["emitter_id"], pkt["packet_id"]) for pkt in pkts]
+
+
+def test_record_log_overflow_is_reported(start_analyzer: Callable[..., Analyzer]) -> None:
+    """A full key log says so, and packet_keys() refuses to return a truncated list."""
+    an = start_analyzer("--record-packets", "5")
+    send_distinct(an, 8)
+    page = an.get("/stats/packets")[1]
+    assert (len(page["packets"]), page["recorded"], page["not_recorded"], page["record_limit"]) == (5, 5, 3, 5)
+    assert an.stats()["packets"] == 8
+    proc = AnalyzerProcess("t1", [], Path(os.devnull), port=int(an.base.rsplit(":", 1)[1]))
+    with pytest.raises(RuntimeError, match="did not record 3 packet keys"):
+        proc.packet_keys()
+
+
+@pytest.mark.timeout(180)
+def test_memory_flat_with_distinct_emitters_and_levels(start_analyzer: Callable[..., Analyzer]) -> None:
+    """RSS grows by less than 20 MB from 1k to 100k distinct 256-character emitters and levels.
+
+    With small limits every structure is full after the first 1k packets: the
+    growth measured here is about 3 MB, where the unbounded tables grew by 46 MB
+    over the same traffic. The bound is generous (allocator noise, aiohttp
+    buffers); nothing here depends on speed.
+    """
+    an = start_analyzer("--dedup-window", "1000", "--max-tracked-emitters", "1000")
+    send_distinct(an, 1000, id_chars=256)
+    before = an.rss_mb()
+    send_distinct(an, 99_000, start=1000, id_chars=256)
+    grown = an.rss_mb() - before
+    s = an.stats()
+    assert s["packets"] == 100_000 and s["tables"]["emitters"]["overflow"] == 99_000
+    assert s["packet_log"] == {"limit": 1000, "recorded": 1000, "not_recorded": 99_000}
+    assert grown < 20, f"RSS grew {grown:.1f} MB"

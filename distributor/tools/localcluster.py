@@ -113,7 +113,25 @@ class AnalyzerProcess(ManagedProcess):
         return http_json(self.url + "/stats")[1]
 
     def packet_keys(self) -> list[tuple[str, str]]:
-        return [tuple(key) for key in http_json(self.url + "/stats/packets")[1]["packets"]]
+        """Every packet key the analyzer accepted, oldest first, following /stats/packets page by page.
+
+        Raises if the analyzer's key log overflowed (``--record-packets``), so a
+        delivery check can never pass on a truncated list.
+        """
+        keys: list[tuple[str, str]] = []
+        url = self.url + "/stats/packets"
+        while True:
+            status, page = http_json(url)
+            if status != 200:
+                raise RuntimeError(f"analyzer {self.name}: GET {url} answered {status}: {page}")
+            keys.extend((emitter, pid) for emitter, pid in page["packets"])
+            if not page["more"]:
+                break
+            url = f"{self.url}/stats/packets?after={page['next']}"  # cursors are URL-safe
+        if page["not_recorded"]:
+            raise RuntimeError(f"analyzer {self.name} did not record {page['not_recorded']} packet keys "
+                               f"(--record-packets {page['record_limit']}): its key list is incomplete")
+        return keys
 
     def control(self, **settings: Any) -> dict[str, Any]:
         return http_json(self.url + "/control", "POST", json.dumps(settings).encode())[1]
