@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
 import uvloop
 
 from distributor.config import AnalyzerConfig, Config, ConfigError, resolve
+from distributor.delivery.state_file import check_writable, load_state
 from distributor.logs import setup_logging
 
 EXIT_CONFIG = 2
@@ -60,35 +62,52 @@ def _analyzer_table(analyzer: AnalyzerConfig) -> dict[str, Any]:
     return {"name": analyzer.name, "url": analyzer.url, "weight": analyzer.weight, "mode": analyzer.mode}
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from distributor.control.server import start_control_plane
-    from distributor.supervisor import Supervisor
+def _check_state_file(config: Config) -> None:
+    """The state file is read with the configuration at every start and reload: a bad one is a bad config."""
+    load_state(config.admin.state_file, config.analyzer_rules).apply(config.analyzers)
 
+
+def _serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_writable(config.admin.state_file)  # an admin change must not fail later for want of a directory
+    _check_state_file(config)
     setup_logging(config.log_format, "supervisor")
+    from distributor.control.server import start_control_plane
+    from distributor.ingest.listener import PortInUse
+    from distributor.supervisor import SignalInbox, Supervisor
+
+    inbox = SignalInbox()
+    inbox.install_early()  # from here on a signal is queued, never the default action
+    logger = logging.getLogger("distributor")
 
     async def run() -> int:
-        supervisor = Supervisor(config, reload_config=lambda: config_from_args(args))
+        try:
+            supervisor = Supervisor(config, reload_config=lambda: config_from_args(args))
+        except PortInUse as exc:
+            logger.error("%s", exc.strerror)
+            return EXIT_CONFIG
         try:
             runner = await start_control_plane(supervisor)
         except OSError as exc:
-            supervisor.table.close()
-            logging.getLogger("distributor").error(
-                "cannot listen on admin address %s: %s", config.admin_listen, exc.strerror
-            )
+            supervisor.close()
+            logger.error("cannot listen on admin address %s: %s", config.admin_listen, exc.strerror)
             return EXIT_CONFIG
         try:
-            return await supervisor.run()
+            return await supervisor.run(inbox)
         finally:
             await runner.cleanup()
 
-    return uvloop.run(run())
+    code = uvloop.run(run())
+    for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(handled, signal.SIG_IGN)  # stopped already: a late signal must not change the exit code
+    return code
 
 
 def _check_config(args: argparse.Namespace) -> int:
     args.listen = args.admin_listen = args.workers = None
     args.analyzer, args.set = [], []
     config = config_from_args(args)
+    _check_state_file(config)  # its directory is not checked: check-config may run on another machine
     names = ", ".join(f"{a.name}={a.url}@{a.weight:g}" for a in config.analyzers)
     print(f"configuration {args.config} is valid: {config.workers} workers, listen {config.listen}, {names}")
     return 0
@@ -137,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args)
     except ConfigError as exc:
-        print(f"distributor: invalid configuration: {exc}", file=sys.stderr)
+        # one line even when a bad key or value holds a newline or an escape sequence
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+        print(f"distributor: invalid configuration: {text}", file=sys.stderr)
         return EXIT_CONFIG
 

@@ -10,8 +10,10 @@ clear line.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -26,6 +28,22 @@ MODES: tuple[str, ...] = ("batch", "packet")
 LOG_FORMATS: tuple[str, ...] = ("json", "text")
 # weights are normalised; these bounds keep sums and ratios finite and meaningful
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
+# what one shared-table analyzer row holds (UTF-8 bytes), and how many rows SharedTable.create makes;
+# the base modules do not import each other, so tests/test_config.py checks these follow shared_table.py
+NAME_BYTES, URL_BYTES = 64, 256
+MAX_ANALYZERS = 64
+# the shared table holds a row per worker and RL_CELLS cells per rate-limit slot in every row: keep it sane
+MAX_WORKERS = 256
+MAX_RATE_LIMIT_SLOTS = 1 << 20
+ANALYZER_KEYS = ("name", "url", "weight", "mode")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# cloud metadata services live here: refused unless a listed network inside this range allows them
+LINK_LOCAL: dict[int, IPNetwork] = {4: ipaddress.ip_network("169.254.0.0/16"), 6: ipaddress.ip_network("fe80::/10")}
+_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+# WHATWG URL: a host whose last label is a number is an IPv4 address in another notation (127.1, 0x7f.1, 2130706433)
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 class ConfigError(ValueError):
@@ -186,10 +204,12 @@ class RateLimitConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    """Mutating admin endpoints: bearer token (or DISTRIBUTOR_ADMIN_TOKEN) and where API changes persist."""
+    """Mutating admin endpoints: bearer token (or DISTRIBUTOR_ADMIN_TOKEN), where API changes persist,
+    and where an analyzer may point (so an admin token cannot aim the distributor at arbitrary hosts)."""
 
     token: str = ""       # empty: mutating endpoints answer 403
     state_file: str = ""  # empty: API changes last until the next reload
+    allowed_analyzer_networks: tuple[str, ...] = ()  # CIDRs; empty: any address except link-local
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +222,7 @@ class Config:
     routing_refresh_interval: float = 0.005
     max_worker_memory_mb: float = 0.0
     log_format: str = "json"
+    allow_shared_port: bool = False  # start even if another process holds the data port (blue-green on one host)
     analyzers: tuple[AnalyzerConfig, ...] = ()
     ingest: IngestConfig = IngestConfig()
     queue: QueueConfig = QueueConfig()
@@ -215,6 +236,10 @@ class Config:
     def validate(self) -> "Config":
         """Return self, or raise ConfigError naming the first bad field."""
         _check_positive_int("workers", self.workers)
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(f"workers: at most {MAX_WORKERS}, got {self.workers}")
+        if not isinstance(self.allow_shared_port, bool):
+            raise ConfigError(f"allow_shared_port: must be true or false, got {self.allow_shared_port!r}")
         for name in ("graceful_timeout", "worker_timeout", "routing_refresh_interval"):
             _check_positive_number(name, getattr(self, name))
         if self.log_format not in LOG_FORMATS:
@@ -223,12 +248,16 @@ class Config:
             _check_positive_number("max_worker_memory_mb", self.max_worker_memory_mb)
         for section in SECTIONS:
             for f in fields(getattr(self, section)):
-                if f.name == "overrides" or f.type in ("str", str):
-                    continue
-                _check_field(f"{section}.{f.name}", getattr(getattr(self, section), f.name), f.metadata)
+                value = getattr(getattr(self, section), f.name)
+                if f.type == "str" and not isinstance(value, str):
+                    raise ConfigError(f"{section}.{f.name}: must be a string, got {value!r}")
+                if f.type in ("int", "float", "bool"):  # the other types are checked on their own below
+                    _check_field(f"{section}.{f.name}", value, f.metadata)
         for name, limit in self.rate_limit.overrides:
             _check_positive_number(f"rate_limit.overrides.{name}.rate", limit.rate)
             _check_positive_number(f"rate_limit.overrides.{name}.burst", limit.burst)
+        if self.rate_limit.slots > MAX_RATE_LIMIT_SLOTS:
+            raise ConfigError(f"rate_limit.slots: at most {MAX_RATE_LIMIT_SLOTS}, got {self.rate_limit.slots}")
         if self.overload.normal_priority_watermark < self.overload.low_priority_watermark:
             raise ConfigError("overload.normal_priority_watermark: must be >= overload.low_priority_watermark")
         if self.health.timeout > self.health.interval:
@@ -239,13 +268,24 @@ class Config:
             raise ConfigError("sender.retry_max_backoff: must be >= sender.retry_initial_backoff")
         if not self.analyzers:
             raise ConfigError("analyzers: at least one analyzer is required")
+        if len(self.analyzers) > MAX_ANALYZERS:
+            raise ConfigError(f"analyzers: at most {MAX_ANALYZERS} analyzers, got {len(self.analyzers)}")
+        rules = self.analyzer_rules
         seen: set[str] = set()
         for i, analyzer in enumerate(self.analyzers):
-            validate_analyzer(f"analyzers[{i}]", analyzer)
+            validate_analyzer(f"analyzers[{i}]", analyzer, rules)
             if analyzer.name in seen:
                 raise ConfigError(f"analyzers[{i}].name: duplicate analyzer name {analyzer.name!r}")
             seen.add(analyzer.name)
         return self
+
+    @property
+    def analyzer_rules(self) -> "AnalyzerRules":
+        """What an analyzer may be under this configuration: never one of its own ports, only allowed networks."""
+        return AnalyzerRules(
+            own=(("listen", self.listen), ("admin_listen", self.admin_listen)),
+            allowed_networks=parse_networks("admin.allowed_analyzer_networks", self.admin.allowed_analyzer_networks),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -295,25 +335,149 @@ def _check_positive_number(name: str, value: object) -> None:
         raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
 
 
-def validate_analyzer(where: str, analyzer: AnalyzerConfig) -> None:
-    if not isinstance(analyzer.name, str) or not analyzer.name or len(analyzer.name) > 64:
-        raise ConfigError(f"{where}.name: must be a non-empty string of at most 64 characters")
-    if not analyzer.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"{where}.name: only letters, digits, '-', '_' and '.' allowed, got {analyzer.name!r}")
-    _check_positive_number(f"{where}.weight", analyzer.weight)
-    if not MIN_WEIGHT <= analyzer.weight <= MAX_WEIGHT:
-        raise ConfigError(f"{where}.weight: must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g}, got {analyzer.weight!r}")
-    parts = urlsplit(analyzer.url) if isinstance(analyzer.url, str) else None
-    if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"{where}.url: expected http://HOST:PORT[/path], got {analyzer.url!r}")
+def _shown(value: object) -> str:
+    """repr for an error message, cut short: the value may be a megabyte from an admin request."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_name(where: str, name: object) -> str:
+    """An analyzer name as the shared table, logs and label values can hold it: no control characters."""
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{where}: must be a non-empty name of letters, digits, '-', '_' and '.', got {_shown(name)}")
+    size = len(name.encode())
+    if size > NAME_BYTES:
+        raise ConfigError(f"{where}: at most {NAME_BYTES} bytes in UTF-8, got {size}")
+    return name
+
+
+def check_weight(where: str, weight: object) -> float:
+    """A weight from any source: a number (not a bool or a string) from MIN_WEIGHT to MAX_WEIGHT, never NaN."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{where}: must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {_shown(weight)}")
+    return float(weight)
+
+
+def parse_networks(where: str, texts: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """CIDRs such as ``10.0.0.0/8``; host bits set is an error (``10.0.0.1/8`` is probably a typo)."""
+    networks: list[IPNetwork] = []
+    for i, text in enumerate(texts):
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as exc:
+            raise ConfigError(f"{where}[{i}]: {exc}") from None
+    return tuple(networks)
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """The address a host string denotes literally (IPv4-mapped IPv6 as IPv4), or None for a name."""
     try:
-        parts.port
+        address = ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"{where}.url: bad port in {analyzer.url!r}") from None
-    if len(analyzer.url) > 200:
-        raise ConfigError(f"{where}.url: longer than 200 characters")
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _local(host: str, address: IPAddress | None) -> bool:
+    """Reaches this machine whatever it is bound to: loopback, the unspecified address, localhost."""
+    return host == "localhost" if address is None else address.is_loopback or address.is_unspecified
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzerRules:
+    """Where an analyzer may point, from the configuration (``Config.analyzer_rules``).
+
+    Host names are never resolved here: the admin path must not block on DNS, and a name may resolve
+    differently later; so a non-empty ``allowed_networks`` admits IP literals only (and ``localhost``
+    when it allows 127.0.0.1).
+    """
+
+    own: tuple[tuple[str, Address], ...] = ()  # this distributor's ports: an analyzer there loops or gets 404
+    allowed_networks: tuple[IPNetwork, ...] = ()  # empty: any address except link-local
+
+    def allows(self, address: IPAddress) -> bool:
+        """Link-local addresses (cloud metadata) need a listed network inside the link-local range."""
+        link_local = LINK_LOCAL[address.version]
+        if not self.allowed_networks:
+            return address not in link_local
+        return any(
+            address in network
+            and (address not in link_local or (network[0] in link_local and network[-1] in link_local))
+            for network in self.allowed_networks
+        )
+
+
+def validate_analyzer(where: str, analyzer: AnalyzerConfig, rules: AnalyzerRules = AnalyzerRules()) -> None:
+    """The one check of an analyzer definition, wherever it comes from (config file, admin API, state file).
+
+    ``rules`` defaults to those that need no configuration (any address but link-local).
+    """
+    check_name(f"{where}.name", analyzer.name)
+    check_weight(f"{where}.weight", analyzer.weight)
+    _check_url(f"{where}.url", analyzer.url, rules)
     if analyzer.mode not in MODES:
-        raise ConfigError(f"{where}.mode: must be one of {', '.join(MODES)}, got {analyzer.mode!r}")
+        raise ConfigError(f"{where}.mode: must be one of {', '.join(MODES)}, got {_shown(analyzer.mode)}")
+
+
+def _check_url(where: str, url: object, rules: AnalyzerRules) -> None:
+    """The stored string is what logs, /metrics and the state file show, and what the sender dials."""
+    if not isinstance(url, str) or not url or not all("!" <= c <= "~" for c in url):
+        raise ConfigError(f"{where}: printable ASCII only, no spaces or control characters (percent-encode the rest), "
+                          f"got {_shown(url)}")
+    if len(url) > URL_BYTES:
+        raise ConfigError(f"{where}: at most {URL_BYTES} bytes, got {len(url)}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} in {_shown(url)}") from None
+    if parts.scheme != "http" or not parts.hostname or "?" in url or "#" in url:
+        raise ConfigError(f"{where}: expected http://HOST:PORT[/path], got {_shown(url)}")
+    if "@" in parts.netloc:
+        raise ConfigError(f"{where}: credentials in the URL are refused (they would show in /admin/analyzers, "
+                          "logs and the state file)")
+    if port == 0:
+        raise ConfigError(f"{where}: port 0 in {_shown(url)}")
+    host = parts.hostname
+    address = _ip_literal(host)
+    if address is None:
+        labels = host.removesuffix(".").split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise ConfigError(f"{where}: {_shown(host)} is neither an IP address nor a host name")
+        if _NUMERIC_LABEL.fullmatch(labels[-1]):
+            raise ConfigError(f"{where}: write an IPv4 address as four decimal numbers, got {_shown(host)}")
+    for key, own in rules.own:
+        own_host = own.host.lower()
+        own_address = _ip_literal(own_host)
+        same_host = host == own_host or (address is not None and address == own_address) or (
+            _local(host, address) and _local(own_host, own_address))
+        if (port or 80) == own.port and same_host:
+            raise ConfigError(f"{where}: {_shown(url)} is this distributor's own {key} ({own})")
+    if address is None:
+        if rules.allowed_networks and not (host == "localhost" and rules.allows(ipaddress.IPv4Address("127.0.0.1"))):
+            raise ConfigError(f"{where}: host names are refused while admin.allowed_analyzer_networks is set "
+                              f"(they are not resolved): write an IP address, got {_shown(host)}")
+    elif not rules.allows(address):
+        reason = "outside admin.allowed_analyzer_networks" if rules.allowed_networks else (
+            "link-local (cloud metadata); list it in admin.allowed_analyzer_networks to allow it")
+        raise ConfigError(f"{where}: {address} is {reason}")
+
+
+def parse_analyzer(where: str, data: object, rules: AnalyzerRules) -> AnalyzerConfig:
+    """An analyzer from JSON (admin API body, state file): exactly its keys, JSON types, then ``validate_analyzer``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object with name, url, weight and optional mode")
+    for key in data:
+        if key not in ANALYZER_KEYS:
+            raise ConfigError(f"{where}: unknown key {_shown(key)}")
+    for key in ANALYZER_KEYS[:3]:
+        if key not in data:
+            raise ConfigError(f"{where}.{key}: missing")
+    analyzer = AnalyzerConfig(name=data["name"], url=data["url"], weight=data["weight"], mode=data.get("mode", "batch"))
+    validate_analyzer(where, analyzer, rules)
+    return replace(analyzer, weight=float(analyzer.weight))
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -345,6 +509,12 @@ def _coerce(where: str, annotation: Any, value: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         return value
+    if annotation == tuple[str, ...]:
+        if isinstance(value, str):  # from the environment or --set: comma-separated
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if annotation is float:
         if isinstance(value, str):
             try:
@@ -384,15 +554,16 @@ def _build(cls: type, where: str, data: Mapping[str, Any]) -> Any:
 
 
 def _overrides(where: str, value: Any) -> tuple[tuple[str, RateLimit], ...]:
-    """``[rate_limit.overrides] "agent-17" = {rate = 10, burst = 20}`` (or a list of such pairs from JSON)."""
-    items = value.items() if isinstance(value, Mapping) else value
+    """``[rate_limit.overrides] "agent-17" = {rate = 10, burst = 20}`` (burst optional: the rate)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{where}: expected a table such as {{"agent-17" = {{rate = 10, burst = 20}}}}, got {value!r}')
     result = []
-    for name, limit in items:
-        if isinstance(limit, RateLimit):
-            result.append((name, limit))
-            continue
+    for name, limit in value.items():
         if not isinstance(limit, Mapping) or "rate" not in limit:
-            raise ConfigError(f"{where}.{name}: expected {{rate = N, burst = N}}")
+            raise ConfigError(f"{where}.{name}: expected {{rate = N, burst = N}}, got {limit!r}")
+        for key in limit:
+            if key not in ("rate", "burst"):
+                raise ConfigError(f"{where}.{name}.{key}: unknown key")
         rate = _coerce(f"{where}.{name}.rate", float, limit["rate"])
         burst = _coerce(f"{where}.{name}.burst", float, limit.get("burst", rate))
         result.append((str(name), RateLimit(rate, burst)))
@@ -415,6 +586,9 @@ def load_toml(path: str | Path) -> Config:
             data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}") \
+            from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     return _build(Config, "", data)

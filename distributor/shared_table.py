@@ -13,15 +13,19 @@ Layout (every cell is 8 bytes, viewed both as int64 and float64):
 One writer per cell means no locks on the hot path: a reader may see one
 counter a few packets old, never a torn 8-byte value.
 
-The segment lives in /dev/shm under a name that embeds the supervisor pid. We
-map the file directly instead of using ``multiprocessing.shared_memory``, whose
-``resource_tracker`` (Python < 3.13) unlinks a segment when *any* attached
-process exits; the supervisor alone creates and unlinks, and removes segments
-left behind by a supervisor that no longer exists.
+The segment lives in /dev/shm under a name that embeds the supervisor pid (for
+humans only). We map the file directly instead of using
+``multiprocessing.shared_memory``, whose ``resource_tracker`` (Python < 3.13)
+unlinks a segment when *any* attached process exits; the supervisor alone
+creates and unlinks. It holds an exclusive ``flock`` on its segment for its
+whole life, so segments left behind by a supervisor that no longer exists are
+recognised by the lock, not by a pid that may belong to another pid namespace
+(sidecar containers sharing /dev/shm).
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import secrets
@@ -32,22 +36,36 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 # header cells
 H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
 HEADER_CELLS = 16
 
 # analyzer row cells
-A_STATE, A_WEIGHT, A_MODE, A_BASE_MESSAGES, A_NAME_LEN, A_URL_LEN, A_EFFECTIVE_WEIGHT, A_ADMISSIONS = range(8)
-A_NAME = 8
-NAME_CELLS = 8  # 64 bytes
+(
+    A_STATE,
+    A_WEIGHT,
+    A_MODE,
+    A_BASE_MESSAGES,
+    A_NAME_LEN,
+    A_URL_LEN,
+    A_EFFECTIVE_WEIGHT,
+    A_ADMISSIONS,
+    A_INCARNATION,  # bumped whenever the slot gets a new analyzer or a new url/mode: workers rebuild its sender
+    A_DRAIN,        # the operator's drain, a fact apart from health: NOT_DRAINING, DRAINING or DRAINED
+) = range(10)
+A_NAME = 10
+NAME_CELLS = 8
+NAME_BYTES = NAME_CELLS * 8  # 64: config validation refuses longer (UTF-8) names
 A_URL = A_NAME + NAME_CELLS
-URL_CELLS = 32  # 256 bytes
+URL_CELLS = 32
+URL_BYTES = URL_CELLS * 8  # 256
+MAX_ANALYZERS = 64  # analyzer slots per table: config validation refuses more
 ANALYZER_CELLS = A_URL + URL_CELLS
 
-# analyzer states; the routable ones share traffic by effective weight
-EMPTY, ACTIVE, REMOVED, DOWN, EJECTED, WARMING, SATURATED, DRAINING, DRAINED = range(9)
+# analyzer health states; the routable ones share traffic by effective weight (unless drained)
+EMPTY, ACTIVE, REMOVED, DOWN, EJECTED, WARMING, SATURATED = range(7)
 STATE_NAMES = {
     EMPTY: "empty",
     ACTIVE: "active",
@@ -56,12 +74,11 @@ STATE_NAMES = {
     EJECTED: "ejected",
     WARMING: "warming",
     SATURATED: "saturated",
-    DRAINING: "draining",
-    DRAINED: "drained",
 }
 ROUTABLE = frozenset((ACTIVE, WARMING, SATURATED))
-# not routable, but their queues keep flushing to them (an operator's drain, not a failure)
-FLUSHING = frozenset((DRAINING, DRAINED))
+# the operator's drain: no new packets, but a healthy analyzer's queues keep flushing to it
+NOT_DRAINING, DRAINING, DRAINED = range(3)
+DRAIN_NAMES = {DRAINING: "draining", DRAINED: "drained"}
 MODE_CODES = {"batch": 0, "packet": 1}
 MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
 
@@ -168,19 +185,35 @@ class AnalyzerRow:
     base_messages: int
     effective_weight: float
     admissions: int
+    incarnation: int
+    drain: int
 
     @property
     def routable(self) -> bool:
-        return self.state in ROUTABLE and self.effective_weight > 0
+        """Takes new packets."""
+        return self.state in ROUTABLE and self.drain == NOT_DRAINING and self.effective_weight > 0
+
+    @property
+    def deliverable(self) -> bool:
+        """Its queues may send to it: healthy, whether or not the operator drains it."""
+        return self.state in ROUTABLE
+
+    @property
+    def display_state(self) -> str:
+        """One word for views: a failure wins over a drain, a drain over the health state."""
+        if self.drain != NOT_DRAINING and self.state in ROUTABLE:
+            return DRAIN_NAMES[self.drain]
+        return STATE_NAMES[self.state]
 
 
 class SharedTable:
     """A mapped table; ``create`` in the supervisor, ``attach`` in workers."""
 
-    def __init__(self, path: Path, mm: mmap.mmap, owner: bool) -> None:
+    def __init__(self, path: Path, mm: mmap.mmap, owner: bool, lock_fd: int = -1) -> None:
         self.path = path
         self._mm = mm
         self.owner = owner
+        self._lock_fd = lock_fd  # the owner's flock on the segment: held until close
         self.ints = memoryview(mm).cast("q")
         self.floats = memoryview(mm).cast("d")
         if self.ints[H_MAGIC] != MAGIC or self.ints[H_VERSION] != LAYOUT_VERSION:
@@ -194,18 +227,25 @@ class SharedTable:
     # --- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, max_workers: int, max_analyzers: int = 64, rate_limit_slots: int = 0) -> "SharedTable":
+    def create(cls, max_workers: int, max_analyzers: int = MAX_ANALYZERS, rate_limit_slots: int = 0) -> "SharedTable":
+        """A new segment, locked before it gets its final name so no cleanup can ever see it unlocked."""
         remove_stale_segments()
-        path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        path = SHM_DIR / name
+        building = SHM_DIR / f".{name}"  # outside the NAME_PREFIX glob until locked
         cells = HEADER_CELLS + max_analyzers * ANALYZER_CELLS + max_workers * (
             WORKER_HEAD_CELLS + max_analyzers * COUNTER_CELLS + rate_limit_slots * RL_CELLS
         )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(building, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, cells * 8)
             mm = mmap.mmap(fd, cells * 8)
-        finally:
+            os.rename(building, path)
+        except BaseException:
             os.close(fd)
+            building.unlink(missing_ok=True)
+            raise
         header = memoryview(mm).cast("q")
         header[H_MAGIC] = MAGIC
         header[H_VERSION] = LAYOUT_VERSION
@@ -215,7 +255,7 @@ class SharedTable:
         header[H_CREATED] = int(time.time())
         header[H_RL_SLOTS] = rate_limit_slots
         header.release()
-        return cls(path, mm, owner=True)
+        return cls(path, mm, owner=True, lock_fd=fd)
 
     @classmethod
     def attach(cls, name: str) -> "SharedTable":
@@ -237,6 +277,9 @@ class SharedTable:
         self._mm.close()
         if self.owner:
             self.path.unlink(missing_ok=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock, after the unlink
+            self._lock_fd = -1
 
     # --- analyzer rows (supervisor writes) -----------------------------------------------------
 
@@ -254,12 +297,16 @@ class SharedTable:
     def end_update(self) -> None:
         self.ints[H_GENERATION] += 1
 
-    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str) -> None:
-        """An analyzer's definition (supervisor only; inside begin/end_update, followed by set_effective)."""
+    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str, incarnation: int) -> None:
+        """An analyzer's definition (supervisor only; inside begin/end_update, followed by set_effective).
+
+        The caller validated the byte lengths (config.validate_analyzer): a ValueError here is a bug.
+        """
         base = self._arow(slot)
         name_b, url_b = name.encode(), url.encode()
-        if len(name_b) > NAME_CELLS * 8 or len(url_b) > URL_CELLS * 8:
+        if len(name_b) > NAME_BYTES or len(url_b) > URL_BYTES:
             raise ValueError(f"analyzer {name!r}: name or url too long for the shared table")
+        self.ints[base + A_INCARNATION] = incarnation
         self.floats[base + A_WEIGHT] = weight
         self.ints[base + A_MODE] = MODE_CODES[mode]
         self.ints[base + A_NAME_LEN] = len(name_b)
@@ -268,10 +315,12 @@ class SharedTable:
         self._mm[start + A_NAME * 8 : start + A_NAME * 8 + len(name_b)] = name_b
         self._mm[start + A_URL * 8 : start + A_URL * 8 + len(url_b)] = url_b
 
-    def set_effective(self, slot: int, state: int, effective_weight: float, admissions: int) -> None:
-        """Health outcome of one analyzer (supervisor only; inside begin/end_update)."""
+    def set_effective(self, slot: int, state: int, effective_weight: float, admissions: int,
+                      drain: int = NOT_DRAINING) -> None:
+        """Health outcome and drain of one analyzer (supervisor only; inside begin/end_update)."""
         base = self._arow(slot)
         self.ints[base + A_STATE] = state
+        self.ints[base + A_DRAIN] = drain
         self.floats[base + A_EFFECTIVE_WEIGHT] = effective_weight
         self.ints[base + A_ADMISSIONS] = admissions
 
@@ -312,6 +361,8 @@ class SharedTable:
             base_messages=self.ints[base + A_BASE_MESSAGES],
             effective_weight=self.floats[base + A_EFFECTIVE_WEIGHT],
             admissions=self.ints[base + A_ADMISSIONS],
+            incarnation=self.ints[base + A_INCARNATION],
+            drain=self.ints[base + A_DRAIN],
         )
 
     # --- worker rows (each worker writes its own) ---------------------------------------------
@@ -344,21 +395,24 @@ class SharedTable:
 
 
 def remove_stale_segments() -> list[Path]:
-    """Unlink segments whose supervisor pid is gone (left by a crash or SIGKILL)."""
+    """Unlink segments whose supervisor is gone: nobody holds their flock any more.
+
+    A live supervisor holds an exclusive flock on its segment from before the
+    segment gets its name until after it is unlinked, whatever pid namespace it
+    runs in; so a lock we can take means nobody uses the segment.
+    """
     removed = []
     for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
-        pid_text = path.name[len(NAME_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            path.unlink(missing_ok=True)
-            removed.append(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live supervisor holds it
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        removed.append(path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

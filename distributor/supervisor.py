@@ -1,9 +1,18 @@
 """The supervisor: owns the shared table, the worker pool and the control plane.
 
 Modelled on gunicorn's arbiter: signal handlers only enqueue; one main loop
-reaps, respawns and kills. Graceful stop is TERM -> ``graceful_timeout`` ->
-KILL. A worker slot that fails to boot ``MAX_BOOT_FAILURES`` times in a row
-stops the supervisor with one error line instead of a restart loop.
+reaps, respawns and kills, and nothing that goes wrong in one of its steps
+(a reload, the health checker, a psutil sample) ends it: the error is logged
+and the next tick runs as usual.
+
+* Graceful stop is TERM -> each worker's own ``graceful_timeout`` -> KILL; a
+  second TERM/INT stops at once (the workers count what they drop).
+* Workers are replaced one at a time (memory recycling, rolling a reload's
+  worker settings), so the data port never closes while others serve.
+* A worker slot that fails to boot ``MAX_BOOT_FAILURES`` times in a row (its
+  own error exit, or no readiness within ``worker_timeout``) stops the
+  supervisor with one error line instead of a restart loop; deaths by an
+  outside signal (an OOM kill) are respawned, not counted.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,15 +32,10 @@ from typing import Callable
 import orjson
 import psutil
 
+from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
-from distributor.config import Config, ConfigError
-from distributor.shared_table import (
-    W_HEARTBEAT,
-    W_PID,
-    W_READY,
-    W_STATE,
-    SharedTable,
-)
+from distributor.ingest.listener import claim_port
+from distributor.shared_table import W_HEARTBEAT, W_PID, W_READY, W_STATE, SharedTable
 from distributor.workers.ingest_worker import CONFIG_ENV
 
 log = logging.getLogger("distributor.supervisor")
@@ -37,6 +43,37 @@ MAX_BOOT_FAILURES = 3
 BOOT_FAILURE_EXIT = 3
 TICK = 0.1
 MEMORY_CHECK_INTERVAL = 1.0
+STOP_MARGIN = 5.0  # beyond a worker's graceful_timeout before it is killed
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# settings the workers read: a reload that changes one rolls the workers, one at a time
+WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format", "ingest", "queue", "sender",
+                   "outlier", "overload", "rate_limit")
+RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port")
+
+
+class SignalInbox:
+    """Signals only enqueue. Installed before the shared table exists, moved onto the loop by ``run``."""
+
+    def __init__(self) -> None:
+        self._early: list[int] = []
+        self.queue: asyncio.Queue[int] | None = None
+
+    def install_early(self) -> None:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._enqueue_early)
+
+    def _enqueue_early(self, signum: int, _frame: object) -> None:
+        self._early.append(signum)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[int]:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for handled in HANDLED_SIGNALS:
+            loop.add_signal_handler(handled, queue.put_nowait, int(handled))
+        for early in self._early:
+            queue.put_nowait(early)
+        self._early.clear()
+        self.queue = queue
+        return queue
 
 
 @dataclass
@@ -45,187 +82,320 @@ class WorkerHandle:
 
     slot: int
     process: subprocess.Popen[bytes] | None = None
+    config: Config | None = None  # what the running process was started with
     spawned_at: float = 0.0
     ready: bool = False
     restarts: int = 0
     boot_failures: int = 0
     kill_reason: str = ""
+    retiring: bool = False  # asked to stop (recycle, roll): a replacement follows its exit
+    stop_deadline: float = float("inf")
+    fresh_rss: int = 0  # RSS first seen once ready: a memory limit below it can never be met
+    cpu_base: float = 0.0  # CPU seconds of the slot's earlier processes: the counter never goes back
     exits: list[int] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
 
 
 class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
+        self._port_claim: socket.socket | None = claim_port(config.listen, config.allow_shared_port)
         self.table = SharedTable.create(max_workers=config.workers, rate_limit_slots=config.rate_limit.slots)
+        try:
+            self.analyzers = AnalyzerSet(self.table, config)
+        except BaseException:
+            self.close()
+            raise
         self.workers = [WorkerHandle(slot) for slot in range(config.workers)]
-        self.analyzers = AnalyzerSet(self.table, config)
         self.started_at = time.time()
         self.restarts_total = 0
         self.memory_recycles = 0
         self._next_memory_check = 0.0
-        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._to_roll: list[int] = []
         self._stopping = False
         self._exit_code = 0
+        self._checks: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        self.table.close()
+        if self._port_claim is not None:
+            self._port_claim.close()
+            self._port_claim = None
 
     # --- worker processes ---------------------------------------------------------------------
 
     def spawn(self, handle: WorkerHandle) -> None:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}  # no admin token
         env[CONFIG_ENV] = orjson.dumps(self.config.for_workers()).decode()
         handle.process = subprocess.Popen(
-            [sys.executable, "-m", "distributor.workers.ingest_worker", "--slot", str(handle.slot),
-             "--table", self.table.name],
+            [sys.executable, "-m", "distributor.workers", "--slot", str(handle.slot), "--table", self.table.name],
             env=env,
             stdin=subprocess.DEVNULL,
         )
+        handle.config = self.config
         handle.spawned_at = time.monotonic()
-        handle.ready = False
+        handle.ready = handle.retiring = False
         handle.kill_reason = ""
+        handle.stop_deadline = float("inf")
+        handle.fresh_rss = 0
         log.info("worker %d spawned (pid %d)", handle.slot, handle.process.pid)
 
     def _row(self, handle: WorkerHandle, cell: int) -> int:
         return self.table.worker_value(handle.slot, cell)
 
     def reap(self) -> None:
-        """Collect exited workers, count boot failures, respawn (unless stopping)."""
+        """Collect exited workers (with the CPU they used), count boot failures, respawn (unless stopping)."""
         for handle in self.workers:
             process = handle.process
-            if process is None or process.poll() is None:
+            if process is None:
                 continue
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if process.poll() is None:
+                continue
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            handle.cpu_base += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             code = process.returncode
             handle.exits.append(code)
             handle.process = None
             if self._stopping:
                 continue
-            if not handle.ready:
+            planned = handle.retiring and handle.ready
+            if not handle.ready and (code > 0 or handle.kill_reason.startswith("not ready")):
                 handle.boot_failures += 1
-                log.error("worker %d failed to boot (exit %d), %d in a row", handle.slot, code, handle.boot_failures)
+                log.error("worker %d failed to boot (%s), %d in a row", handle.slot,
+                          handle.kill_reason or f"exit {code}", handle.boot_failures)
                 if handle.boot_failures >= MAX_BOOT_FAILURES:
                     log.critical("worker %d failed to boot %d times in a row; stopping", handle.slot,
                                  handle.boot_failures)
                     self._exit_code = BOOT_FAILURE_EXIT
                     self._stopping = True
                     continue
+            elif planned:
+                log.info("worker %d (pid %d) stopped (%s); starting its replacement", handle.slot, process.pid,
+                         handle.kill_reason)
             else:
-                reason = handle.kill_reason or f"exit code {code}"
+                reason = handle.kill_reason or (f"signal {-code}" if code < 0 else f"exit code {code}")
                 log.error("worker %d (pid %d) died: %s; respawning", handle.slot, process.pid, reason)
             handle.restarts += 1
             self.restarts_total += 1
             self.spawn(handle)
 
+    def _kill(self, handle: WorkerHandle, reason: str) -> None:
+        assert handle.process is not None
+        handle.kill_reason = reason
+        log.error("worker %d (pid %d): %s; killing", handle.slot, handle.process.pid, reason)
+        handle.process.kill()
+
     def watch(self) -> None:
-        """Mark booted workers ready; kill those whose event loop stopped stamping heartbeats."""
+        """Mark booted workers ready; kill those that do not boot, stall, or outstay their stop deadline."""
         now = time.monotonic()
         for handle in self.workers:
             process = handle.process
-            if process is None or process.returncode is not None:
+            if process is None or not handle.alive or handle.kill_reason.startswith(("not ready", "event loop")):
                 continue
+            assert handle.config is not None
+            timeout = handle.config.worker_timeout
             if self._row(handle, W_PID) != process.pid:
+                if not handle.ready and now - handle.spawned_at > timeout:
+                    self._kill(handle, f"not ready within worker_timeout={timeout:g}s")
                 continue
-            if not handle.ready and self._row(handle, W_STATE) == W_READY:
-                handle.ready = True
-                handle.boot_failures = 0
+            if not handle.ready:
+                if self._row(handle, W_STATE) == W_READY:
+                    handle.ready = True
+                    handle.boot_failures = 0
+                elif now - handle.spawned_at > timeout:
+                    self._kill(handle, f"not ready within worker_timeout={timeout:g}s")
+                    continue
             heartbeat = self.table.floats[self.table.worker_base(handle.slot) + W_HEARTBEAT]
-            if handle.ready and now - heartbeat > self.config.worker_timeout and not handle.kill_reason:
-                handle.kill_reason = f"event loop stalled for {now - heartbeat:.1f}s"
-                log.error("worker %d (pid %d): %s; killing", handle.slot, process.pid, handle.kill_reason)
-                process.kill()
+            if handle.ready and now - heartbeat > timeout:
+                self._kill(handle, f"event loop stalled for {now - heartbeat:.1f}s")
+            elif now > handle.stop_deadline:
+                self._kill(handle, "did not stop within graceful_timeout")
+
+    def _retire(self, handle: WorkerHandle, reason: str) -> None:
+        """Ask one worker to stop gracefully; its replacement starts when it has exited."""
+        assert handle.process is not None and handle.config is not None
+        handle.retiring = True
+        handle.kill_reason = reason
+        handle.stop_deadline = time.monotonic() + handle.config.graceful_timeout + STOP_MARGIN
+        handle.process.send_signal(signal.SIGTERM)
+
+    def _replacing(self) -> bool:
+        """A worker is being replaced: another replacement waits (the port never loses two at once)."""
+        return any(h.retiring or (h.alive and not h.ready) for h in self.workers)
 
     def check_memory(self) -> None:
-        """Replace, gracefully (queues flushed first), a worker whose RSS is above max_worker_memory_mb."""
+        """Replace, gracefully and one at a time, a worker whose RSS is above max_worker_memory_mb."""
         limit_mb = self.config.max_worker_memory_mb
         now = time.monotonic()
         if not limit_mb or now < self._next_memory_check:
             return
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        limit = limit_mb * (1 << 20)
         for handle in self.workers:
-            process = handle.process
-            if process is None or not handle.ready or handle.kill_reason:
+            if not handle.alive or not handle.ready or handle.retiring:
                 continue
+            assert handle.process is not None
             try:
-                rss = psutil.Process(process.pid).memory_info().rss
+                rss = psutil.Process(handle.process.pid).memory_info().rss
             except psutil.Error:
                 continue
-            if rss > limit_mb * (1 << 20):
-                handle.kill_reason = f"RSS {rss / (1 << 20):.1f} MB above max_worker_memory_mb={limit_mb:g}"
-                log.warning("worker %d (pid %d): %s; replacing it gracefully", handle.slot, process.pid,
-                            handle.kill_reason)
+            if not handle.fresh_rss:
+                handle.fresh_rss = rss
+                if rss > limit:
+                    log.warning("max_worker_memory_mb=%g is below a fresh worker's RSS (%.1f MB): worker %d will "
+                                "not be recycled for memory; raise the limit", limit_mb, rss / (1 << 20), handle.slot,
+                                extra={"event": "memory_limit_below_fresh_rss"})
+                continue
+            if rss > limit and handle.fresh_rss <= limit and not self._replacing():
+                reason = f"RSS {rss / (1 << 20):.1f} MB above max_worker_memory_mb={limit_mb:g}"
+                log.warning("worker %d (pid %d): %s; replacing it gracefully", handle.slot, handle.process.pid,
+                            reason)
                 self.memory_recycles += 1
-                process.send_signal(signal.SIGTERM)
+                self._retire(handle, reason)
+
+    def roll(self) -> None:
+        """Restart the workers a reload left with old settings, one at a time."""
+        while self._to_roll and not self._replacing():
+            handle = self.workers[self._to_roll.pop(0)]
+            if handle.alive and handle.config is not self.config:
+                self._retire(handle, "rolled to apply reloaded settings")
+                return
+
+    def serving(self) -> list[WorkerHandle]:
+        """Workers that accept connections now (ready, not stopping, not being replaced)."""
+        return [h for h in self.workers if h.alive and h.ready and not h.retiring
+                and self._row(h, W_STATE) == W_READY]
 
     def all_ready(self) -> bool:
         return all(h.ready for h in self.workers)
 
-    # --- signals and the main loop --------------------------------------------------------------
+    # --- reload -------------------------------------------------------------------------------------
 
     def reload(self) -> None:
+        """All or nothing: a new config is validated and planned completely, then applied everywhere."""
         if self._reload_config is None:
             return
         try:
             new = self._reload_config()
-        except ConfigError as exc:
-            log.error("reload rejected, keeping the running config: %s", exc)
-            return
-        if new.workers != self.config.workers or new.listen != self.config.listen:
-            log.warning("reload: workers and listen take effect at the next start only")
-        try:
             self.analyzers.install(new)
         except ConfigError as exc:
-            log.error("reload rejected: %s", exc)
+            log.error("reload rejected, keeping the running configuration: %s", exc,
+                      extra={"event": "reload_rejected"})
             return
-        self.config = replace(new, workers=self.config.workers, listen=self.config.listen)
-        log.info("reloaded: %s", ", ".join(f"{a.name}@{a.weight:g}" for a in new.analyzers))
+        old = self.config
+        restart_only = [key for key in RESTART_SETTINGS if getattr(new, key) != getattr(old, key)]
+        if restart_only:
+            log.warning("reload: %s take effect at the next start only", ", ".join(restart_only),
+                        extra={"event": "reload_needs_restart", "keys": restart_only})
+        self.config = replace(new, **{key: getattr(old, key) for key in RESTART_SETTINGS})
+        changed = _changed_worker_settings(old, self.config)
+        if changed:
+            log.info("reload: rolling %d workers one at a time to apply %s", len(self.workers), ", ".join(changed),
+                     extra={"event": "reload_rolling", "keys": changed})
+            self._to_roll = [h.slot for h in self.workers]
+        log.info("reloaded: %s", ", ".join(f"{a.name}@{a.weight:g}" for a in self.analyzers.definitions.values()),
+                 extra={"event": "reloaded"})
 
-    async def run(self, on_ready: Callable[[], None] | None = None) -> int:
-        loop = asyncio.get_running_loop()
-        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(handled, self._signals.put_nowait, handled)
+    # --- the main loop ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One pass of the arbiter's duties; each step's failure is contained."""
+        for step in (self.reap, self.watch, self.check_memory, self.roll, self.analyzers.collect_ejections,
+                     self.analyzers.publish, self._watch_checks):
+            try:
+                step()
+            except Exception:
+                log.exception("supervisor step %s failed; continuing", getattr(step, "__name__", step),
+                              extra={"event": "supervisor_step_failed"})
+
+    def _watch_checks(self) -> None:
+        """The health checker runs for the supervisor's whole life; restart it if it ever ends."""
+        if self._checks is not None and not self._checks.done():
+            return
+        if self._checks is not None:
+            error = None if self._checks.cancelled() else self._checks.exception()
+            log.error("health checker ended (%r); restarting it", error, extra={"event": "health_checker_restarted"})
+        self._checks = asyncio.get_running_loop().create_task(self.analyzers.check_forever())
+
+    async def run(self, inbox: SignalInbox | None = None, on_ready: Callable[[], None] | None = None) -> int:
+        queue = (inbox or SignalInbox()).attach(asyncio.get_running_loop())
+        try:
+            await self._serve(queue, on_ready)
+            await self.stop_workers(queue)
+        finally:
+            self.kill_workers()
+            self.close()
+        return self._exit_code
+
+    async def _serve(self, queue: asyncio.Queue[int], on_ready: Callable[[], None] | None) -> None:
+        early = [queue.get_nowait() for _ in range(queue.qsize())]  # signals that came while starting
+        if signal.SIGTERM in early or signal.SIGINT in early:
+            log.info("stopped before the workers started")
+            return
         for handle in self.workers:
             self.spawn(handle)
-        checks = asyncio.create_task(self.analyzers.check_forever())
+        if signal.SIGHUP in early:
+            self.reload()
         announced = False
         try:
             while not self._stopping:
-                sig: int | None
                 try:
-                    sig = await asyncio.wait_for(self._signals.get(), TICK)
+                    sig: int | None = await asyncio.wait_for(queue.get(), TICK)
                 except asyncio.TimeoutError:
                     sig = None
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.info("received %s: stopping gracefully", signal.Signals(sig).name)
-                    break
+                    return
                 if sig == signal.SIGHUP:
                     self.reload()
-                self.reap()
-                self.watch()
-                self.check_memory()
-                self.analyzers.collect_ejections()
-                self.analyzers.publish()
+                self.tick()
                 if not announced and self.all_ready():
                     announced = True
                     log.info("%d workers ready on %s", len(self.workers), self.config.listen)
                     if on_ready:
                         on_ready()
-            checks.cancel()
-            await self.stop_workers()
         finally:
-            self.kill_workers()
-            self.table.close()
-        return self._exit_code
+            if self._checks is not None:
+                self._checks.cancel()
 
-    async def stop_workers(self) -> None:
-        """TERM every worker, wait up to graceful_timeout (+ a margin) for them to flush, then KILL."""
+    async def stop_workers(self, queue: asyncio.Queue[int]) -> None:
+        """TERM every worker and wait for each one's graceful_timeout (+ a margin), then KILL.
+
+        A second TERM/INT meanwhile passes a second TERM on (workers stop at once, counting what
+        they drop); SIGHUP is ignored while stopping.
+        """
         self._stopping = True
         for handle in self.workers:
-            if handle.process and handle.process.poll() is None:
+            if handle.alive:
+                assert handle.process is not None and handle.config is not None
                 handle.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.graceful_timeout + 5
-        while time.monotonic() < deadline:
-            if all(h.process is None or h.process.poll() is not None for h in self.workers):
-                break
-            await asyncio.sleep(TICK)
-        self.kill_workers()
+                handle.stop_deadline = min(handle.stop_deadline,
+                                           time.monotonic() + handle.config.graceful_timeout + STOP_MARGIN)
+        hurried = False
+        while any(h.alive for h in self.workers):
+            try:
+                sig = await asyncio.wait_for(queue.get(), TICK)
+            except asyncio.TimeoutError:
+                sig = None
+            if sig in (signal.SIGTERM, signal.SIGINT) and not hurried:
+                hurried = True
+                log.warning("second %s: stopping the workers now", signal.Signals(sig).name)
+                for handle in self.workers:
+                    if handle.alive:
+                        assert handle.process is not None
+                        handle.process.send_signal(signal.SIGTERM)
+                        handle.stop_deadline = min(handle.stop_deadline, time.monotonic() + STOP_MARGIN)
+            self.reap()
+            now = time.monotonic()
+            for handle in self.workers:
+                if handle.alive and now > handle.stop_deadline:
+                    self._kill(handle, "did not stop within graceful_timeout")
+        self.reap()
 
     def kill_workers(self) -> None:
         for handle in self.workers:
@@ -234,3 +404,15 @@ class Supervisor:
                 log.error("worker %d (pid %d) did not stop in time; killing", handle.slot, process.pid)
                 process.kill()
                 process.wait()
+
+
+def _changed_worker_settings(old: Config, new: Config) -> list[str]:
+    """Dotted names of the worker settings that differ, e.g. ["rate_limit.rate", "ingest.max_body_bytes"]."""
+    before, after = old.to_dict(), new.to_dict()
+    changed = []
+    for key in WORKER_SETTINGS:
+        if isinstance(before[key], dict):
+            changed += [f"{key}.{k}" for k in before[key] if before[key][k] != after[key][k]]
+        elif before[key] != after[key]:
+            changed.append(key)
+    return changed

@@ -20,7 +20,7 @@ def measure(workers: int, analyzers: int, packets: int, refresh_interval: float)
     try:
         table.begin_update()
         for slot in range(analyzers):
-            table.write_analyzer(slot, f"a{slot}", f"http://127.0.0.1:{9000 + slot}", slot + 1.0, "batch")
+            table.write_analyzer(slot, f"a{slot}", f"http://127.0.0.1:{9000 + slot}", slot + 1.0, "batch", 1)
             table.set_effective(slot, ACTIVE, slot + 1.0, 0)
         table.start_epoch()
         table.end_update()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -22,9 +23,9 @@ def test_create_attach_and_unlink() -> None:
     table = SharedTable.create(max_workers=2, max_analyzers=4)
     try:
         table.begin_update()
-        table.write_analyzer(0, "a1", "http://127.0.0.1:9001", 0.4, "batch")
+        table.write_analyzer(0, "a1", "http://127.0.0.1:9001", 0.4, "batch", 1)
         table.set_effective(0, ACTIVE, 0.4, 0)
-        table.write_analyzer(1, "a2", "http://127.0.0.1:9002", 0.6, "packet")
+        table.write_analyzer(1, "a2", "http://127.0.0.1:9002", 0.6, "packet", 1)
         table.set_effective(1, ACTIVE, 0.6, 0)
         table.end_update()
         other = SharedTable.attach(table.name)
@@ -47,7 +48,7 @@ def test_epoch_rebases_routing_without_catch_up() -> None:
     table = SharedTable.create(max_workers=1, max_analyzers=4)
     try:
         table.begin_update()
-        table.write_analyzer(0, "a1", "http://127.0.0.1:1", 1.0, "batch")
+        table.write_analyzer(0, "a1", "http://127.0.0.1:1", 1.0, "batch", 1)
         table.set_effective(0, ACTIVE, 1.0, 0)
         table.start_epoch()
         table.end_update()
@@ -56,7 +57,7 @@ def test_epoch_rebases_routing_without_catch_up() -> None:
         cell = table.counter_index(0, 0, C_NET_ROUTED_MESSAGES)
         table.ints[cell] += 10_000  # a1 took everything so far
         table.begin_update()
-        table.write_analyzer(1, "a2", "http://127.0.0.1:2", 1.0, "batch")
+        table.write_analyzer(1, "a2", "http://127.0.0.1:2", 1.0, "batch", 1)
         table.set_effective(1, ACTIVE, 1.0, 0)
         table.start_epoch()
         table.end_update()
@@ -78,16 +79,35 @@ def test_epoch_rebases_routing_without_catch_up() -> None:
         table.close()
 
 
-def test_stale_segment_of_dead_supervisor_is_removed() -> None:
+def test_stale_segment_is_recognised_by_its_lock_not_by_a_pid() -> None:
+    """A segment nobody holds the flock of is removed; a locked one stays, whatever pid its name carries.
+
+    The live segment here carries the pid of a process that has exited (as a supervisor in another pid
+    namespace would look from here): pid liveness would delete it, the lock keeps it.
+    """
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = SHM_DIR / f"{NAME_PREFIX}{int(dead.stdout)}-deadbeef"
     stale.write_bytes(b"\0" * 64)
-    live = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-cafef00d"
+    live = SHM_DIR / f"{NAME_PREFIX}{int(dead.stdout)}-cafef00d"
     live.write_bytes(b"\0" * 64)
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
     try:
         removed = remove_stale_segments()
         assert stale in removed and not stale.exists()
-        assert live.exists()
+        assert live.exists() and live not in removed
     finally:
+        os.close(holder)
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_a_created_table_survives_another_supervisors_cleanup() -> None:
+    table = SharedTable.create(max_workers=1, max_analyzers=2)
+    try:
+        other = SharedTable.create(max_workers=1, max_analyzers=2)  # runs remove_stale_segments first
+        other.close()
+        assert table.path.exists()
+    finally:
+        table.close()
+    assert not table.path.exists()

@@ -124,6 +124,7 @@ def test_sighup_applies_new_weights_and_keeps_counters(make_cluster: Callable[..
 
 
 def test_worker_that_cannot_boot_stops_the_supervisor(tmp_path: Path) -> None:
+    """The workers cannot bind (someone listens without SO_REUSEPORT); the port check is waived to get there."""
     port = free_port()
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", port))
@@ -132,7 +133,7 @@ def test_worker_that_cannot_boot_stops_the_supervisor(tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "distributor", "serve", "--listen", f"127.0.0.1:{port}",
              "--admin-listen", f"127.0.0.1:{free_port()}", "--workers", "1",
-             "--analyzer", "a=http://127.0.0.1:9@1"],
+             "--analyzer", "a=http://127.0.0.1:9@1", "--set", "allow_shared_port=true"],
             capture_output=True, text=True, timeout=60,
         )
     finally:

@@ -7,6 +7,7 @@ open. Every change is logged (who, what, old, new) and counted.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 from collections import Counter
@@ -16,13 +17,18 @@ import orjson
 from aiohttp import web
 
 from distributor.delivery.analyzer_set import UnknownAnalyzer
-from distributor.config import MODES, AnalyzerConfig, ConfigError
+from distributor.config import ConfigError, check_weight, parse_analyzer
 
 if TYPE_CHECKING:
     from distributor.supervisor import Supervisor
 
 log = logging.getLogger("distributor.admin")
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _raw(text: str) -> bytes:
+    """The header's bytes back: aiohttp decodes a non-UTF-8 header with surrogateescape, which .encode() rejects."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -53,7 +59,7 @@ class AdminApi:
                 return error(403, "admin_disabled",
                              "mutating admin endpoints are disabled: set admin.token or DISTRIBUTOR_ADMIN_TOKEN")
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(_raw(given), _raw(token)):
                 return error(401, "unauthorized", "missing or wrong bearer token",
                              {"WWW-Authenticate": 'Bearer realm="distributor-admin"'})
             try:
@@ -95,26 +101,17 @@ class AdminApi:
     async def set_weight(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         body = await self._body(request)
-        weight = body.get("weight")
-        if set(body) != {"weight"} or isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError('body: expected {"weight": <positive number>}')
-        old = self._supervisor.analyzers.set_weight(name, float(weight))
-        return self._audit(request, "weight", name, {"weight": old}, {"weight": float(weight)})
+        if set(body) != {"weight"}:
+            raise ConfigError('body: expected {"weight": <number>}')
+        weight = check_weight("body.weight", body["weight"])
+        old = self._supervisor.analyzers.set_weight(name, weight)
+        return self._audit(request, "weight", name, {"weight": old}, {"weight": weight})
 
     async def add(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        unknown = set(body) - {"name", "url", "weight", "mode"}
-        if unknown or not {"name", "url", "weight"} <= set(body):
-            raise ConfigError('body: expected {"name", "url", "weight"[, "mode"]}')
-        weight = body["weight"]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError("weight: must be a positive number")
-        if body.get("mode", "batch") not in MODES:
-            raise ConfigError(f"mode: must be one of {', '.join(MODES)}")
-        analyzer = AnalyzerConfig(name=body["name"], url=body["url"], weight=float(weight),
-                                  mode=body.get("mode", "batch"))
+        # validated completely (byte limits, URL, networks) before the analyzer set is touched
+        analyzer = parse_analyzer("body", await self._body(request), self._supervisor.config.analyzer_rules)
         self._supervisor.analyzers.add(analyzer)
-        response = self._audit(request, "add", analyzer.name, None, body)
+        response = self._audit(request, "add", analyzer.name, None, dataclasses.asdict(analyzer))
         response.set_status(201)
         return response
 

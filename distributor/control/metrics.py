@@ -82,6 +82,8 @@ class TableCollector(Collector):
         ejections = CounterMetricFamily("distributor_analyzer_ejections", "Passive ejections", labels=["analyzer"])
         up = GaugeMetricFamily("distributor_analyzer_up", "1 when the analyzer takes traffic", labels=["analyzer"])
         state = GaugeMetricFamily("distributor_analyzer_state", "1 for the current state", labels=["analyzer", "state"])
+        draining = GaugeMetricFamily("distributor_analyzer_draining",
+                                     "1 while the operator drains it (whatever its health)", labels=["analyzer"])
         backoff = GaugeMetricFamily(
             "distributor_analyzer_backoff_seconds", "Current readmission backoff", labels=["analyzer"]
         )
@@ -108,6 +110,7 @@ class TableCollector(Collector):
             duplicates.add_metric([name], a["possible_duplicates"])
             ejections.add_metric([name], a.get("ejections", 0))
             up.add_metric([name], 1.0 if a["effective_weight"] > 0 else 0.0)
+            draining.add_metric([name], 1.0 if a.get("draining") else 0.0)
             for candidate in ANALYZER_STATES:
                 state.add_metric([name, candidate], 1.0 if a["state"] == candidate else 0.0)
             backoff.add_metric([name], a.get("backoff_s", 0.0))
@@ -118,8 +121,8 @@ class TableCollector(Collector):
             weight.add_metric([name], a["weight"])
             target.add_metric([name], a["target_share"])
             share.add_metric([name], a["share"])
-        yield from (messages, analyzer_packets, failed, retries, failovers, duplicates, ejections, up, state, backoff,
-                    capacity, effective, depth, depth_bytes, weight, target, share)
+        yield from (messages, analyzer_packets, failed, retries, failovers, duplicates, ejections, up, state, draining,
+                    backoff, capacity, effective, depth, depth_bytes, weight, target, share)
 
         memory = GaugeMetricFamily("distributor_worker_memory_bytes", "Worker memory", labels=["worker", "kind"])
         cpu = CounterMetricFamily("distributor_worker_cpu_seconds", "Worker CPU time", labels=["worker"])
@@ -129,10 +132,10 @@ class TableCollector(Collector):
             slot = str(w["slot"])
             lag.add_metric([slot], w["event_loop_lag_s"])
             connections.add_metric([slot], w["connections"])
+            cpu.add_metric([slot], w["cpu_seconds"])  # includes the slot's earlier processes: never decreases
             if "rss_bytes" in w:
                 memory.add_metric([slot, "rss"], w["rss_bytes"])
                 memory.add_metric([slot, "uss"], w["uss_bytes"])
-                cpu.add_metric([slot], w["cpu_seconds"])
         http = CounterMetricFamily(
             "distributor_http_events", "Ingest connection and protocol events (limits, timeouts, errors)",
             labels=["event"],

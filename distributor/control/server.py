@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from distributor.control.admin_api import AdminApi
 from distributor.control.metrics import TableCollector
 from distributor.shared_table import (
-    COUNTER_NAMES,
+    C_NET_ROUTED_MESSAGES,
     HTTP_STAT_CELLS,
     LATENCY_BUCKETS,
     STATE_NAMES,
@@ -41,6 +41,7 @@ from distributor.shared_table import (
     W_SHED,
     W_STARTED,
     W_STATE,
+    W_STOPPING,
 )
 
 if TYPE_CHECKING:
@@ -50,38 +51,41 @@ WORKER_STATES = {0: "free", 1: "booting", 2: "ready", 3: "stopping"}
 
 
 def analyzers_view(supervisor: "Supervisor") -> list[dict[str, Any]]:
-    """Per analyzer: definition, health, queue depth and counters summed over every worker.
+    """Per analyzer: definition, health, drain, queue depth and counters summed over every worker.
 
     ``share`` is the analyzer's fraction of all messages routed to it net of failovers
     (a packet failed over from A to B counts for B); ``epoch_share`` the same since the last
-    change of the analyzer set or of an effective weight.
+    change of the analyzer set or of an effective weight. ``state`` is one word (a failure wins
+    over a drain); ``health`` and ``draining`` are the two facts apart.
     """
     table = supervisor.table
     _, rows = table.read_analyzers()
-    totals = {name: table.global_counters(index) for index, name in enumerate(COUNTER_NAMES)}
+    counters = supervisor.analyzers.counters()
     health = supervisor.analyzers.view()
-    net = totals["net_routed_messages"]
+    rows = [row for row in rows if row.slot in counters]
+    net = {row.slot: counters[row.slot]["net_routed_messages"] for row in rows}
     routable_weight = sum(r.effective_weight for r in rows if r.routable)
-    routed_all = sum(net[r.slot] for r in rows)
-    epoch_routed = {r.slot: net[r.slot] - r.base_messages for r in rows if r.routable}
+    routed_all = sum(net.values())
+    epoch_routed = {r.slot: table.global_counters(C_NET_ROUTED_MESSAGES)[r.slot] - r.base_messages
+                    for r in rows if r.routable}
     epoch_all = sum(epoch_routed.values())
     capacity = supervisor.config.queue.max_packets * len(supervisor.workers)
     view = []
     for row in rows:
-        counters = {name: values[row.slot] for name, values in totals.items()}
         view.append({
             "name": row.name,
             "url": row.url,
             "mode": row.mode,
             "weight": row.weight,
             "effective_weight": row.effective_weight if row.routable else 0.0,
-            "state": STATE_NAMES[row.state],
+            "state": row.display_state,
+            "health": STATE_NAMES[row.state],
             "target_share": row.effective_weight / routable_weight if row.routable and routable_weight else 0.0,
             "share": net[row.slot] / routed_all if routed_all else 0.0,
             "epoch_share": epoch_routed.get(row.slot, 0) / epoch_all if epoch_all else 0.0,
             "queue_capacity_packets": capacity,
             **health.get(row.name, {}),
-            **counters,
+            **counters[row.slot],
         })
     return view
 
@@ -140,8 +144,9 @@ def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[
             "analyzer_generation": table.ints[base + W_GENERATION],
             "http": {name: table.ints[base + cell] for name, cell in HTTP_STAT_CELLS.items()},
         }
-        if alive and state == W_READY:
+        if alive and state in (W_READY, W_STOPPING):
             entry.update(sampler.sample(pid))
+        entry["cpu_seconds"] = handle.cpu_base + entry.get("cpu_seconds", 0.0)  # a slot's CPU never goes back
         view.append(entry)
     return view
 
@@ -185,8 +190,9 @@ def build_app(supervisor: "Supervisor") -> web.Application:
         return _json({"status": "ok", "pid": os.getpid(), "uptime_s": time.time() - supervisor.started_at})
 
     async def ready(_: web.Request) -> web.Response:
+        """200 only when a worker accepts connections now and an analyzer can take packets."""
         analyzers = [a for a in analyzers_view(supervisor) if a["effective_weight"] > 0]
-        workers = sum(1 for h in supervisor.workers if h.ready and h.process is not None)
+        workers = len(supervisor.serving())
         ok = bool(analyzers) and workers > 0
         return _json({"ready": ok, "analyzers_available": len(analyzers), "workers_ready": workers},
                      status=200 if ok else 503)

@@ -1,39 +1,45 @@
-"""The supervisor's analyzer set: stable slots, health, operator changes, and what workers see.
+"""The supervisor's analyzer set: definitions, health, operator changes, and what workers see.
 
-Every change of an analyzer's state or effective weight is published to the
-shared table in one seqlocked update that also starts a new routing epoch, so
-the split follows the new effective weights from that moment with no catch-up
-burst.
+Every change of an analyzer's state, drain or effective weight is published to
+the shared table in one seqlocked update; a new routing epoch starts only when
+something routing uses changed (who is routable, effective weights), so the
+split follows the new weights from that moment with no catch-up burst, and a
+no-op reload changes nothing.
+
+A reload is all-or-nothing: ``install`` reads and validates the state file,
+merges it with the configuration and plans every slot before touching anything;
+any error leaves the running set as it was.
 
 Operator changes (drain, weight, add, remove) made through the admin API are
 kept in ``admin.state_file`` when one is configured (like HAProxy's
 server-state file) and re-applied on top of the configuration at every reload
-and start; without it the configuration file wins at the next reload.
+and start; a change is applied only once it is saved. Without a state file the
+configuration wins at the next reload.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
-import json
 import logging
-import os
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Mapping, NamedTuple
 
 import aiohttp
 
 from distributor.config import AnalyzerConfig, Config, ConfigError, validate_analyzer
-from distributor.delivery.health import AnalyzerHealth, check
+from distributor.delivery.health import AnalyzerHealth, CheckResult, check
+from distributor.delivery.slots import SlotAllocator
+from distributor.delivery.state_file import AdminState, check_writable, load_state, save_state
 from distributor.shared_table import (
     C_EJECTION_REPORTS,
     C_QUEUE_PACKETS,
+    COUNTER_NAMES,
     DRAINED,
     DRAINING,
+    NOT_DRAINING,
     REMOVED,
-    STATE_NAMES,
     SharedTable,
 )
 
@@ -47,74 +53,66 @@ class UnknownAnalyzer(KeyError):
     pass
 
 
+class StateNotSaved(RuntimeError):
+    """The admin state file could not be written: the change was not applied."""
+
+
+class Target(NamedTuple):
+    """What the table shows of one slot."""
+
+    state: int
+    weight: float
+    admissions: int
+    drain: int
+
+
 class AnalyzerSet:
     def __init__(self, table: SharedTable, config: Config) -> None:
         self.table = table
         self.config = config
-        self.slots: dict[str, int] = {}
+        self.slots = SlotAllocator(table)
         self.definitions: dict[str, AnalyzerConfig] = {}
         self.health: dict[str, AnalyzerHealth] = {}
         self.removing: set[str] = set()
-        self._state: dict[str, Any] = {"weights": {}, "drained": [], "added": [], "removed": []}
-        self._published: dict[int, tuple[int, float, int]] = {}
+        self.state = AdminState()
+        self._published: dict[int, Target] = {}
         self.install(config)
 
     # --- configuration ----------------------------------------------------------------------------
 
     def install(self, config: Config) -> None:
-        """Adopt the configured analyzers (plus the state file's changes); names keep their slot."""
-        self.config = config
-        self._state = self._load_state()
-        definitions = {a.name: a for a in config.analyzers if a.name not in self._state["removed"]}
-        for added in self._state["added"]:
-            definitions.setdefault(added["name"], AnalyzerConfig(**added))
-        for name, weight in self._state["weights"].items():
-            if name in definitions:
-                definitions[name] = dataclasses.replace(definitions[name], weight=weight)
-        if not definitions:
-            raise ConfigError("analyzers: the state file removed every analyzer")
+        """Adopt the configuration plus the state file's changes, or raise ConfigError and change nothing."""
+        if config.admin.state_file != self.config.admin.state_file:
+            check_writable(config.admin.state_file)
+        state = load_state(config.admin.state_file, config.analyzer_rules)
+        definitions = state.apply(config.analyzers)
+        plan = self.slots.plan(definitions)
+        # validated and planned: from here on nothing can fail
+        self.config, self.state = config, state
+        if self.removing:
+            log.warning("reload: pending removal of %s %s", ", ".join(sorted(self.removing)),
+                        "completes now (queued packets fail over)" if config.admin.state_file
+                        else "is cancelled: without admin.state_file the configuration wins")
+        self.removing = set()
+        self._adopt(definitions, plan)
+
+    def _adopt(self, definitions: Mapping[str, AnalyzerConfig], plan: Mapping[str, int]) -> None:
+        renewed = self.slots.commit(plan, definitions)
+        weights_changed = {plan[n] for n, a in definitions.items() if n in self.definitions
+                           and self.definitions[n].weight != a.weight}
         for name in list(self.health):
             if name not in definitions:
                 del self.health[name]
-        self.definitions = definitions
-        with self._publishing():
-            for analyzer in definitions.values():
-                self._define(analyzer)
-                self.health[analyzer.name].draining = analyzer.name in self._state["drained"]
-
-    def _define(self, analyzer: AnalyzerConfig) -> None:
-        slot = self.slots.get(analyzer.name)
-        if slot is None:
-            slot = len(self.slots)
-            if slot >= self.table.max_analyzers:
-                raise ConfigError(f"analyzers: at most {self.table.max_analyzers} analyzers per run")
-            self.slots[analyzer.name] = slot
-        self.table.write_analyzer(slot, analyzer.name, analyzer.url, analyzer.weight, analyzer.mode)
-        self.definitions[analyzer.name] = analyzer
-        if analyzer.name in self.health:
-            self.health[analyzer.name].weight = analyzer.weight
-        else:
-            self.health[analyzer.name] = AnalyzerHealth(analyzer.name, analyzer.weight)
-
-    def _load_state(self) -> dict[str, Any]:
-        empty: dict[str, Any] = {"weights": {}, "drained": [], "added": [], "removed": []}
-        path = self.config.admin.state_file
-        if not path or not os.path.exists(path):
-            return empty
-        try:
-            with open(path, encoding="utf-8") as fh:
-                state = json.load(fh)
-            return {key: state.get(key, default) for key, default in empty.items()}
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"admin.state_file: cannot read {path}: {exc}") from None
-
-    def _save_state(self) -> None:
-        path = self.config.admin.state_file
-        if not path:
-            return
-        temporary = Path(path).with_suffix(".tmp")
-        temporary.write_text(json.dumps(self._state, indent=2))
-        os.replace(temporary, path)
+        reports = self.table.global_counters(C_EJECTION_REPORTS)
+        for name, analyzer in definitions.items():
+            slot = plan[name]
+            health = self.health.get(name)
+            if health is None or slot in renewed:
+                health = self.health[name] = AnalyzerHealth(name, analyzer.weight, reports_seen=reports[slot])
+            health.weight = analyzer.weight
+            health.draining = name in self.state.drained
+        self.definitions = dict(definitions)
+        self._write(renewed | weights_changed)
 
     # --- operator actions (admin API) ---------------------------------------------------------------
 
@@ -124,123 +122,150 @@ class AnalyzerSet:
         except KeyError:
             raise UnknownAnalyzer(name) from None
 
+    def _save(self, state: AdminState) -> None:
+        """Persist the state an admin change leads to, before the change is applied."""
+        path = self.config.admin.state_file
+        if path:
+            try:
+                save_state(path, state)
+            except OSError as exc:
+                raise StateNotSaved(f"admin.state_file {path}: {exc.strerror or exc}; nothing was changed") from None
+        self.state = state
+
+    def _changed_state(self) -> AdminState:
+        return copy.deepcopy(self.state)
+
     def drain(self, name: str) -> bool:
         """Stop routing new packets to it; its queues keep flushing to it. Returns the old flag."""
         health = self._health(name)
+        state = self._changed_state()
+        state.record_drain(name, True)
+        self._save(state)
         old, health.draining = health.draining, True
-        self._remember_drain(name, True)
         self.publish()
         return old
 
     def undrain(self, name: str) -> bool:
         health = self._health(name)
+        if name in self.removing:
+            raise ConfigError(f"analyzers.{name}: being removed; add it again once it is gone")
+        state = self._changed_state()
+        state.record_drain(name, False)
+        self._save(state)
         old = health.draining
         if old:
             health.draining = False
             if health.routable:
                 health.admit(time.monotonic(), self.config.outlier)  # ramp back up, no burst
-        self.removing.discard(name)
-        self._remember_drain(name, False)
         self.publish()
         return old
 
     def set_weight(self, name: str, weight: float) -> float:
         health = self._health(name)
         updated = dataclasses.replace(self.definitions[name], weight=weight)
-        validate_analyzer(f"analyzers.{name}", updated)
+        validate_analyzer(f"analyzers.{name}", updated, self.config.analyzer_rules)
+        state = self._changed_state()
+        state.record_weight(name, weight)
+        self._save(state)
         old = health.weight
-        with self._publishing():
-            self._define(updated)
-        self._state["weights"][name] = weight
-        self._save_state()
+        self._adopt({**self.definitions, name: updated}, self.slots.plan({**self.definitions, name: updated}))
         return old
 
     def add(self, analyzer: AnalyzerConfig) -> None:
-        validate_analyzer(f"analyzers.{analyzer.name}", analyzer)
+        validate_analyzer(f"analyzers.{analyzer.name}", analyzer, self.config.analyzer_rules)
         if analyzer.name in self.health:
             raise ConfigError(f"analyzers.{analyzer.name}: already exists")
-        with self._publishing():
-            self._define(analyzer)
-        self._state["added"] = [a for a in self._state["added"] if a["name"] != analyzer.name]
-        self._state["added"].append(dataclasses.asdict(analyzer))
-        if analyzer.name in self._state["removed"]:
-            self._state["removed"].remove(analyzer.name)
-        self._save_state()
+        definitions = {**self.definitions, analyzer.name: analyzer}
+        plan = self.slots.plan(definitions)
+        state = self._changed_state()
+        state.record_add(analyzer)
+        self._save(state)
+        self._adopt(definitions, plan)
 
     def remove(self, name: str) -> None:
         """Drain, then remove once its queues are empty (see ``publish``)."""
-        self._health(name)
+        health = self._health(name)
+        if name in self.removing:
+            return
         if not set(self.health) - self.removing - {name}:
             raise ConfigError(f"analyzers.{name}: cannot remove the last analyzer")
-        self.drain(name)
+        state = self._changed_state()
+        state.record_remove(name)
+        self._save(state)
+        health.draining = True
         self.removing.add(name)
         self.publish()
 
-    def _remember_drain(self, name: str, drained: bool) -> None:
-        names = set(self._state["drained"])
-        names.add(name) if drained else names.discard(name)
-        self._state["drained"] = sorted(names)
-        self._save_state()
-
     # --- publishing ---------------------------------------------------------------------------------
 
-    def _queued(self) -> list[int]:
-        return self.table.global_counters(C_QUEUE_PACKETS)
-
-    def _targets(self, now: float) -> dict[int, tuple[int, float, int]]:
-        targets = {slot: (REMOVED, 0.0, 0) for name, slot in self.slots.items() if name not in self.health}
-        queued = self._queued()
+    def _targets(self, now: float) -> dict[int, Target]:
+        targets = {slot.index: Target(REMOVED, 0.0, 0, NOT_DRAINING) for slot in self.slots.released()}
+        queued = self.table.global_counters(C_QUEUE_PACKETS)
         for name, health in self.health.items():
-            slot = self.slots[name]
-            state = health.state
+            slot = self.slots.live(name)
+            assert slot is not None
+            drain = NOT_DRAINING
             if health.draining:
-                state = DRAINED if queued[slot] == 0 else DRAINING
+                drain = DRAINED if queued[slot.index] == 0 else DRAINING
             weight = health.effective_weight(now, self.config.health, self.config.outlier)
-            targets[slot] = (state, weight, health.admissions)
+            targets[slot.index] = Target(health.state, weight, health.admissions, drain)
         return targets
 
-    @contextmanager
-    def _publishing(self) -> Iterator[None]:
-        """Seqlocked table update: the caller's changes, then every analyzer's state and a new epoch."""
-        self.table.begin_update()
+    def _write(self, definition_slots: set[int] = set()) -> bool:
+        """Publish definitions and targets in one seqlocked update, if anything changed.
+
+        A new routing epoch starts only when a target changed; a url change alone does not rebase routing.
+        """
+        targets = self._targets(time.monotonic())
+        routing_changed = any(not _same(self._published.get(slot), target) for slot, target in targets.items())
+        if not definition_slots and not routing_changed:
+            return False
+        table = self.table
+        table.begin_update()
         try:
-            yield
-            for slot, (state, weight, admissions) in self._targets(time.monotonic()).items():
-                self.table.set_effective(slot, state, weight, admissions)
-                self._published[slot] = (state, weight, admissions)
-            self.table.start_epoch()
+            for name, analyzer in self.definitions.items():
+                slot = self.slots.live(name)
+                assert slot is not None
+                if slot.index in definition_slots:
+                    table.write_analyzer(slot.index, name, analyzer.url, analyzer.weight, analyzer.mode,
+                                         slot.incarnation)
+            for index, target in targets.items():
+                table.set_effective(index, target.state, target.weight, target.admissions, target.drain)
+            if routing_changed:
+                table.start_epoch()
+            self._published = targets
         finally:
-            self.table.end_update()
+            table.end_update()
+        self.slots.published(table.generation)
+        return True
 
     def publish(self) -> bool:
         """Advance time-driven states and finish removals; write the table only if something changed."""
         now = time.monotonic()
         for health in self.health.values():
             health.settle(now, self.config.outlier)
-        targets = self._targets(now)
-        for name in list(self.removing):
-            if targets[self.slots[name]][0] == DRAINED:
-                self.removing.discard(name)
-                del self.health[name]
-                del self.definitions[name]
-                self._state["removed"] = sorted(set(self._state["removed"]) | {name})
-                self._state["drained"] = [n for n in self._state["drained"] if n != name]
-                self._state["weights"].pop(name, None)
-                self._save_state()
-                log.info("analyzer %s drained and removed", name)
-                targets = self._targets(now)
-        if all(_same(self._published.get(slot), target) for slot, target in targets.items()):
-            return False
-        with self._publishing():
-            pass  # nothing to change but the published states themselves
-        return True
+        if self.removing:
+            targets = self._targets(now)
+            for name in sorted(self.removing):
+                slot = self.slots.live(name)
+                assert slot is not None
+                if targets[slot.index].drain == DRAINED:
+                    self.removing.discard(name)
+                    del self.health[name]
+                    del self.definitions[name]
+                    self.slots.release(name)
+                    log.info("analyzer %s drained and removed", name,
+                             extra={"event": "analyzer_removed", "analyzer": name})
+        return self._write()
 
     def collect_ejections(self) -> None:
         """Workers count ejection reports in their rows; any new one ejects the analyzer for all."""
         reports = self.table.global_counters(C_EJECTION_REPORTS)
         now = time.monotonic()
         for name, health in self.health.items():
-            seen = reports[self.slots[name]]
+            slot = self.slots.live(name)
+            assert slot is not None
+            seen = reports[slot.index]
             if seen > health.reports_seen:
                 health.reports_seen = seen
                 health.last_check = "ejected by a worker after consecutive send failures"
@@ -249,33 +274,51 @@ class AnalyzerSet:
     # --- active checks ------------------------------------------------------------------------------
 
     async def run_checks(self, session: aiohttp.ClientSession) -> None:
-        """One round of active checks, all analyzers concurrently."""
+        """One round of active checks, all analyzers concurrently; a failing check fails only its analyzer."""
         names = list(self.health)
         urls = [self.definitions[n].url for n in names]
-        results = await asyncio.gather(*(check(session, url, self.config.health) for url in urls))
+        results = await asyncio.gather(*(check(session, url, self.config.health) for url in urls),
+                                       return_exceptions=True)
         now = time.monotonic()
-        for name, result in zip(names, results):
-            if name in self.health:
-                self.health[name].observe_check(result, now, self.config.health, self.config.outlier)
+        for name, url, result in zip(names, urls, results):
+            if isinstance(result, BaseException):
+                result = CheckResult(False, False, f"check failed: {result.__class__.__name__}")
+            health = self.health.get(name)
+            if health is not None and self.definitions[name].url == url:  # not removed or retargeted meanwhile
+                health.observe_check(result, now, self.config.health, self.config.outlier)
 
     async def check_forever(self) -> None:
+        """Health rounds every ``health.interval`` until cancelled; an error in one round is logged, not fatal."""
         async with aiohttp.ClientSession() as session:
             while True:
                 started = time.monotonic()
-                await self.run_checks(session)
-                self.publish()
+                try:
+                    await self.run_checks(session)
+                    self.publish()
+                except Exception:
+                    log.exception("health check round failed; the next round runs as usual",
+                                  extra={"event": "health_round_failed"})
                 await asyncio.sleep(max(0.0, self.config.health.interval - (time.monotonic() - started)))
+
+    # --- views --------------------------------------------------------------------------------------
 
     def view(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         return {name: h.view(now) for name, h in self.health.items()}
 
+    def counters(self) -> dict[int, dict[str, int]]:
+        """Per used slot, its counters summed over workers and net of a former owner's history."""
+        totals = [self.table.global_counters(c) for c in range(len(COUNTER_NAMES))]
+        used = [s.index for s in self.slots.released()] + [s.index for n in self.health
+                                                           if (s := self.slots.live(n)) is not None]
+        return {index: self.slots.counters(index, totals) for index in used}
 
-def _same(published: tuple[int, float, int] | None, target: tuple[int, float, int]) -> bool:
+
+def _same(published: Target | None, target: Target) -> bool:
     if published is None:
         return False
-    state, weight, admissions = published
-    new_state, new_weight, new_admissions = target
-    if state != new_state or admissions != new_admissions or (weight == 0) != (new_weight == 0):
+    if (published.state, published.admissions, published.drain) != (target.state, target.admissions, target.drain):
         return False
-    return abs(new_weight - weight) <= WEIGHT_EPSILON * max(weight, new_weight)
+    if (published.weight == 0) != (target.weight == 0):
+        return False
+    return abs(target.weight - published.weight) <= WEIGHT_EPSILON * max(published.weight, target.weight)

@@ -43,21 +43,35 @@ class CheckResult:
     detail: str
 
 
-def judge(status: int, body: dict[str, Any] | None, config: HealthConfig) -> CheckResult:
-    """Turn an analyzer's /health answer into alive / saturated."""
+def judge(status: int, body: object, config: HealthConfig) -> CheckResult:
+    """Turn an analyzer's /health answer into alive / saturated.
+
+    The body comes from the network: a field of the wrong type makes the check fail
+    (with a detail naming the field), it never raises.
+    """
     if status in (429, 503):
         return CheckResult(True, True, f"HTTP {status}")
     if status != 200:
         return CheckResult(False, False, f"HTTP {status}")
-    body = body or {}
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        return CheckResult(False, False, "bad /health body: not a JSON object")
+    latency = body.get("latency_ms") or {}
+    if not isinstance(latency, dict):
+        return CheckResult(False, False, "bad /health body: latency_ms is not an object")
+    figures = {"inflight": body.get("inflight", 0), "queue_depth": body.get("queue_depth", 0),
+               "p99": latency.get("p99", 0.0)}
+    for field_name, value in figures.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return CheckResult(False, False, f"bad /health body: {field_name} is not a number: {value!r:.40}")
     reasons = []
-    if config.max_inflight and body.get("inflight", 0) > config.max_inflight:
-        reasons.append(f"inflight {body['inflight']}")
-    if config.max_queue_depth and body.get("queue_depth", 0) > config.max_queue_depth:
-        reasons.append(f"queue_depth {body['queue_depth']}")
-    p99 = (body.get("latency_ms") or {}).get("p99", 0.0)
-    if config.max_latency_ms and p99 > config.max_latency_ms:
-        reasons.append(f"p99 {p99:.0f} ms")
+    if config.max_inflight and figures["inflight"] > config.max_inflight:
+        reasons.append(f"inflight {figures['inflight']}")
+    if config.max_queue_depth and figures["queue_depth"] > config.max_queue_depth:
+        reasons.append(f"queue_depth {figures['queue_depth']}")
+    if config.max_latency_ms and figures["p99"] > config.max_latency_ms:
+        reasons.append(f"p99 {figures['p99']:.0f} ms")
     return CheckResult(True, bool(reasons), ", ".join(reasons) or "ok")
 
 
@@ -167,10 +181,13 @@ class AnalyzerHealth:
 
 
 async def check(session: aiohttp.ClientSession, url: str, config: HealthConfig) -> CheckResult:
-    """One active check: GET {url}/health within health.timeout."""
+    """One active check: GET {url}/health within health.timeout; never raises."""
     try:
         async with session.get(url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=config.timeout)) as r:
             body = await r.json(content_type=None) if r.status == 200 else None
-            return judge(r.status, body if isinstance(body, dict) else None, config)
+            return judge(r.status, body, config)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
         return CheckResult(False, False, exc.__class__.__name__)
+    except Exception as exc:  # a surprise from the client library fails this check only
+        log.exception("health check of %s failed unexpectedly", url)
+        return CheckResult(False, False, f"unexpected {exc.__class__.__name__}")

@@ -33,6 +33,7 @@ log = logging.getLogger("distributor.sender")
 
 RETRY_BUDGET_FLOOR = 3  # retries always allowed on a quiet sender
 RETRY_BUDGET_CAP = 10
+ABORTED = -1  # status of an attempt this worker gave up (abort_inflight), not a failure of the analyzer
 
 
 class FailoverHost(Protocol):
@@ -114,6 +115,26 @@ class AnalyzerSender:
         return (len(queue.items) >= self._batch_max or queue.bytes >= self._config.batch_max_bytes
                 or queue.packets * 2 >= queue.max_packets or queue.bytes * 2 >= queue.max_bytes)
 
+    def retarget(self, name: str, url: str, mode: str) -> None:
+        """The slot has a new analyzer, or a new url or mode: queued packets go there from the next batch on.
+
+        Requests already in flight finish against the old address; what this sender knew of the
+        old analyzer (its consecutive failures) no longer applies.
+        """
+        self.name = name
+        self.url = url.rstrip("/")
+        self.mode = mode
+        self._batch_max = self._config.batch_max_packets if mode == "batch" else 1
+        self._linger = self._config.batch_linger if mode == "batch" else 0.0
+        self._log = RateLimitedLog(log, name)
+        self.consecutive_failures = 0
+        self.notify()
+
+    def readmitted(self) -> None:
+        """The analyzer can be sent to again: count failures afresh and send what waited."""
+        self.consecutive_failures = 0
+        self.notify()
+
     def abort_inflight(self) -> None:
         """The analyzer went down: give up on its in-flight requests now instead of at request_timeout.
 
@@ -125,8 +146,8 @@ class AnalyzerSender:
             for post in list(self._posts):
                 post.cancel()
 
-    async def drain(self, timeout: float) -> int:
-        """Deliver what is queued within ``timeout``; count and return the packets dropped after it.
+    async def drain(self, timeout: float, hurry: asyncio.Event | None = None) -> int:
+        """Deliver what is queued within ``timeout`` (or until ``hurry`` is set); count and return the drops.
 
         Lingering ends at once: nothing more is coming. Afterwards the queue takes
         no packets (``available`` False), so a late failover cannot strand any here.
@@ -134,10 +155,12 @@ class AnalyzerSender:
         self._linger = 0.0
         self._batch_full.set()
         self._wakeup.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        waiters = {asyncio.ensure_future(self._idle.wait())}
+        if hurry is not None:
+            waiters.add(asyncio.ensure_future(hurry.wait()))
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
         tasks = [*self._shipping, *([self._dispatcher] if self._dispatcher else [])]
         for task in tasks:
             task.cancel()
@@ -213,6 +236,7 @@ class AnalyzerSender:
         self._retry_tokens = min(RETRY_BUDGET_CAP, self._retry_tokens + self._outlier.retry_budget)
         while True:
             status, retry_after, ambiguous = await self._attempt(batch)
+            aborted = status == ABORTED
             if 200 <= status < 300:
                 self.consecutive_failures = 0
                 counters[cell + C_DELIVERED_PACKETS] += len(batch)
@@ -225,12 +249,13 @@ class AnalyzerSender:
                 counters[cell + C_REJECTED_MESSAGES] += sum(n for _, n in batch)
                 self._log.error(f"rejected {len(batch)} packets with HTTP {status}", event="rejected")
                 return
-            counters[cell + C_FAILED_ATTEMPTS] += 1
-            if status:
-                self._log.warning(f"send failed: HTTP {status}")
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self._outlier.consecutive_failures:
-                self._host.eject(self.slot)
+            if not aborted:  # we gave it up ourselves: no evidence against the analyzer
+                counters[cell + C_FAILED_ATTEMPTS] += 1
+                if status:
+                    self._log.warning(f"send failed: HTTP {status}")
+                self.consecutive_failures += 1
+                if self.consecutive_failures >= self._outlier.consecutive_failures:
+                    self._host.eject(self.slot)
             if not self.queue.available or self._retry_tokens < 1:
                 leftover = self._host.fail_over(self.slot, batch, ambiguous)
                 self.queue.shrink(batch, leftover)  # what moved is on other queues' books now
@@ -248,7 +273,7 @@ class AnalyzerSender:
             backoff = min(backoff * 2, self._config.retry_max_backoff)
 
     async def _attempt(self, batch: list[Packet]) -> tuple[int, str | None, bool]:
-        """``_post`` as a future that ``abort_inflight`` can cancel without cancelling the batch."""
+        """``_post`` as a future that ``abort_inflight`` can cancel without cancelling the batch (ABORTED)."""
         post = asyncio.ensure_future(self._post(batch))
         self._posts.add(post)
         try:
@@ -258,7 +283,7 @@ class AnalyzerSender:
             if task is not None and task.cancelling():  # shutdown cancelled the batch itself
                 raise
             self._log.warning("in-flight request aborted: the analyzer is down")
-            return 0, None, True
+            return ABORTED, None, True
         finally:
             self._posts.discard(post)
 

@@ -14,9 +14,9 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
+from typing import Awaitable
 
 import aiohttp
 import orjson
@@ -24,6 +24,7 @@ import uvloop
 
 from distributor.config import Config, from_dict
 from distributor.ingest.http11 import HttpLimits, HttpServer, HttpStats
+from distributor.ingest.listener import bind_reuseport
 from distributor.ingest.app import IngestApp
 from distributor.logs import setup_logging
 from distributor.delivery.routing import NO_ANALYZER, Router
@@ -35,7 +36,6 @@ from distributor.shared_table import (
     C_FAILOVER_PACKETS,
     C_NET_ROUTED_MESSAGES,
     C_POSSIBLE_DUPLICATES,
-    FLUSHING,
     HTTP_STAT_CELLS,
     C_LOST_MESSAGES,
     C_LOST_PACKETS,
@@ -63,18 +63,6 @@ BOOT_ERROR_EXIT = 3
 log = logging.getLogger("distributor.worker")
 
 
-def bind_reuseport(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A listening socket on the data port that every worker can bind (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
-
-
 class IngestWorker:
     def __init__(self, config: Config, slot: int, table: SharedTable) -> None:
         self.config = config
@@ -87,9 +75,11 @@ class IngestWorker:
         self.app = IngestApp(config, self.router, table, slot)
         self.ejected_at: dict[int, int] = {}  # analyzer slot -> its admissions count when this worker ejected it
         self.admissions: dict[int, int] = {}
+        self.incarnations: dict[int, int] = {}  # analyzer slot -> the incarnation this worker serves
         self.http_stats = HttpStats()
         self.parent = os.getppid()
         self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second SIGTERM: the drain ends now
         self.session: aiohttp.ClientSession | None = None
 
     def account_lost_predecessor(self) -> None:
@@ -109,37 +99,47 @@ class IngestWorker:
     def apply_analyzers(self) -> None:
         """Adopt the table's analyzer set, states and epoch.
 
-        New analyzers get a queue and a sender; an analyzer that stopped being routable has its
-        queued packets failed over; one readmitted by the supervisor since this worker ejected it
-        is usable again.
+        New analyzers get a queue and a sender; a slot with a new incarnation (another analyzer,
+        or a new url or mode) keeps its queue and points its sender at the new address, with
+        what this worker knew of the old one (ejection, failures) forgotten; an analyzer that can
+        no longer be sent to has its queued packets failed over; one readmitted by the supervisor
+        since this worker ejected it is usable again.
         """
         generation, rows = self.table.read_analyzers()
         assert self.session is not None
         app = self.app
         for row in rows:
-            if row.slot in self.ejected_at and row.admissions > self.ejected_at[row.slot]:
-                del self.ejected_at[row.slot]
-            self.admissions[row.slot] = row.admissions
-            queue = app.queues[row.slot]
+            slot = row.slot
+            if self.incarnations.get(slot) != row.incarnation:
+                self.incarnations[slot] = row.incarnation
+                self.ejected_at.pop(slot, None)
+                if app.senders[slot] is not None:
+                    app.senders[slot].retarget(row.name, row.url, row.mode)  # type: ignore[union-attr]
+            elif slot in self.ejected_at and row.admissions > self.ejected_at[slot]:
+                del self.ejected_at[slot]
+            self.admissions[slot] = row.admissions
+            queue = app.queues[slot]
             if queue is None:
                 if not row.routable:
                     continue
-                cell = self.table.counter_index(self.slot, row.slot, 0)
+                cell = self.table.counter_index(self.slot, slot, 0)
                 queue = PacketQueue(self.config.queue.max_packets, self.config.queue.max_bytes, self.ints, cell,
                                     app.totals)
-                sender = AnalyzerSender(
-                    row.slot, row.name, row.url, row.mode, queue, self.config.sender, self.config.outlier,
+                created = AnalyzerSender(
+                    slot, row.name, row.url, row.mode, queue, self.config.sender, self.config.outlier,
                     self.session, self.ints, cell, self,
                 )
-                sender.start()
-                app.queues[row.slot] = queue
-                app.senders[row.slot] = sender
-            available = (row.routable or row.state in FLUSHING) and row.slot not in self.ejected_at
+                created.start()
+                app.queues[slot] = queue
+                app.senders[slot] = created
+            sender = app.senders[slot]
+            assert sender is not None
+            available = row.deliverable and slot not in self.ejected_at
             was_available, queue.available = queue.available, available
             if available and not was_available:
-                app.senders[row.slot].notify()  # type: ignore[union-attr]
+                sender.readmitted()
             elif was_available and not available:
-                app.senders[row.slot].abort_inflight()  # type: ignore[union-attr]
+                sender.abort_inflight()
         self.router.set_analyzers(generation, rows)
         self.ints[self.row + W_GENERATION] = generation
         self.fail_over_unavailable()
@@ -154,9 +154,12 @@ class IngestWorker:
         queue = self.app.queues[slot]
         assert queue is not None
         queue.available = False
-        self.app.senders[slot].abort_inflight()  # type: ignore[union-attr]
+        sender = self.app.senders[slot]
+        assert sender is not None
+        sender.abort_inflight()
+        sender.consecutive_failures = 0  # a readmission starts counting afresh
         self.ints[self.table.counter_index(self.slot, slot, C_EJECTION_REPORTS)] += 1
-        name = self.app.senders[slot].name  # type: ignore[union-attr]
+        name = sender.name
         log.warning("worker %d: ejecting analyzer %s after %d consecutive send failures", self.slot, name,
                     self.config.outlier.consecutive_failures, extra={"event": "analyzer_ejected", "analyzer": name})
         self.fail_over_queue(slot)
@@ -201,7 +204,8 @@ class IngestWorker:
         loop = asyncio.get_running_loop()
         ints, floats, row = self.ints, self.floats, self.row
         delivered_before = self.app.totals.delivered_bytes
-        while not self.stop.is_set():
+        http_base = {cell: ints[row + cell] for cell in HTTP_STAT_CELLS.values()}  # a slot keeps its counters
+        while True:  # until cancelled: a stopping worker stays watched for stalls
             expected = loop.time() + HEARTBEAT_INTERVAL
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             floats[row + W_LOOP_LAG] = max(0.0, loop.time() - expected)
@@ -209,7 +213,7 @@ class IngestWorker:
             stats = self.http_stats
             ints[row + W_CONNECTIONS] = stats.connections_open
             for name, cell in HTTP_STAT_CELLS.items():
-                ints[row + cell] = getattr(stats, name)
+                ints[row + cell] = http_base[cell] + getattr(stats, name)
             queues = [q for q in self.app.queues if q is not None]
             ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
             ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
@@ -220,14 +224,13 @@ class IngestWorker:
             if self.table.generation != self.router.generation:
                 self.apply_analyzers()
             self.fail_over_unavailable()  # other analyzers may have room now
-            if os.getppid() != self.parent:
+            if os.getppid() != self.parent and not self.stop.is_set():
                 log.error("worker %d: supervisor is gone; shutting down", self.slot)
                 self.stop.set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         ints, floats, row = self.ints, self.floats, self.row
         ints[row + W_PID] = os.getpid()
         ints[row + W_STATE] = W_BOOTING
@@ -265,12 +268,28 @@ class IngestWorker:
         await self.stop.wait()
         ints[row + W_STATE] = W_STOPPING
         deadline = loop.time() + self.config.graceful_timeout
-        await server.shutdown(timeout=self.config.graceful_timeout / 2)
+        await self._unless_hurried(server.shutdown(timeout=self.config.graceful_timeout / 2))
         senders = [s for s in self.app.senders if s is not None]
-        await asyncio.gather(*(s.drain(max(0.0, deadline - loop.time())) for s in senders))
+        await asyncio.gather(*(s.drain(max(0.0, deadline - loop.time()), self.hurry) for s in senders))
         heartbeat.cancel()
         await self.session.close()
         return 0
+
+    def _on_sigterm(self) -> None:
+        """The first SIGTERM drains within graceful_timeout; a second one stops now, counting what it drops."""
+        if self.stop.is_set():
+            log.warning("worker %d: second SIGTERM: stopping now", self.slot)
+            self.hurry.set()
+        self.stop.set()
+
+    async def _unless_hurried(self, awaitable: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        hurried = asyncio.ensure_future(self.hurry.wait())
+        await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:

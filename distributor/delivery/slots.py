@@ -1,0 +1,145 @@
+"""Analyzer slots of the shared table: which name holds which row, and when a row may be reused.
+
+A slot is a row of the shared table (its definition, state and epoch base) and
+a column of every worker's counters. The supervisor assigns slots; workers
+follow the ``incarnation`` cell: a new incarnation means "a different analyzer
+(or a new url/mode) from now on", so they reset what they knew of the slot
+(ejection, consecutive failures) and point its sender at the new address.
+
+A removed analyzer's slot is reused only once nothing refers to it: no worker
+holds a queued or in-flight packet for it, and every running worker has
+applied the table generation that removed it. Its cumulative counters are then
+taken as the new owner's baseline, so views and metrics of the new name start
+at zero (Prometheus sees a new series, never a decreasing one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from distributor.config import AnalyzerConfig, ConfigError
+from distributor.shared_table import (
+    C_QUEUE_BYTES,
+    C_QUEUE_MESSAGES,
+    C_QUEUE_PACKETS,
+    COUNTER_NAMES,
+    W_GENERATION,
+    W_PID,
+    SharedTable,
+)
+
+# gauges, not counters: never rebased
+GAUGES = frozenset((C_QUEUE_PACKETS, C_QUEUE_BYTES, C_QUEUE_MESSAGES))
+
+
+@dataclass(slots=True)
+class Slot:
+    index: int
+    name: str
+    url: str
+    mode: str
+    incarnation: int
+    live: bool = True
+    removed_generation: int = -1  # table generation that published its removal (-1: not yet published)
+    baseline: list[int] = field(default_factory=lambda: [0] * len(COUNTER_NAMES))
+
+
+class SlotAllocator:
+    """The supervisor's map of slots; ``plan`` has no side effects, ``commit`` applies a plan."""
+
+    def __init__(self, table: SharedTable) -> None:
+        self._table = table
+        self._slots: list[Slot | None] = [None] * table.max_analyzers
+
+    def live(self, name: str) -> Slot | None:
+        return next((s for s in self._slots if s is not None and s.live and s.name == name), None)
+
+    def released(self) -> list[Slot]:
+        """Slots whose analyzer was removed and that no new analyzer took yet."""
+        return [s for s in self._slots if s is not None and not s.live]
+
+    def plan(self, definitions: Mapping[str, AnalyzerConfig]) -> dict[str, int]:
+        """Slot per name: names keep theirs; new names take a free or reusable slot. Raises ConfigError."""
+        plan = {name: slot.index for name in definitions if (slot := self.live(name)) is not None}
+        taken = set(plan.values())
+        for name in definitions:
+            if name in plan:
+                continue
+            index = self._free_slot(name, taken)
+            if index is None:
+                waiting = sum(1 for s in self.released() if not self._reusable(s))
+                raise ConfigError(
+                    f"analyzers: at most {self._table.max_analyzers} analyzers per run"
+                    + (f"; {waiting} removed analyzers still hold queued packets or are not yet forgotten by "
+                       "every worker: retry once they are" if waiting else ""))
+            plan[name] = index
+            taken.add(index)
+        return plan
+
+    def _free_slot(self, name: str, taken: set[int]) -> int | None:
+        """The name's own former slot, else a never used one, else any reusable one."""
+        candidates = [s for s in self.released() if s.index not in taken and self._reusable(s)]
+        own = next((s.index for s in candidates if s.name == name), None)
+        if own is not None:
+            return own
+        unused = next((i for i, s in enumerate(self._slots) if s is None and i not in taken), None)
+        if unused is not None:
+            return unused
+        return candidates[0].index if candidates else None
+
+    def _reusable(self, slot: Slot) -> bool:
+        if slot.live or slot.removed_generation < 0:
+            return False
+        table = self._table
+        for worker in range(table.max_workers):
+            if any(table.ints[table.counter_index(worker, slot.index, gauge)] for gauge in GAUGES):
+                return False
+            if table.worker_value(worker, W_PID) and table.worker_value(worker, W_GENERATION) < slot.removed_generation:
+                return False
+        return True
+
+    def commit(self, plan: Mapping[str, int], definitions: Mapping[str, AnalyzerConfig]) -> set[int]:
+        """Apply a plan; return the slots with a new incarnation (new analyzer, or new url or mode)."""
+        renewed: set[int] = set()
+        for name in [s.name for s in self._slots if s is not None and s.live and s.name not in plan]:
+            self.release(name)
+        for name, index in plan.items():
+            analyzer = definitions[name]
+            slot = self._slots[index]
+            if slot is not None and slot.live and slot.name == name:
+                if (slot.url, slot.mode) != (analyzer.url, analyzer.mode):
+                    slot.url, slot.mode = analyzer.url, analyzer.mode
+                    slot.incarnation += 1
+                    renewed.add(index)
+                continue
+            if slot is None:
+                slot = self._slots[index] = Slot(index, name, analyzer.url, analyzer.mode, incarnation=1)
+            else:
+                if slot.name != name:  # another analyzer's column: its history is not the newcomer's
+                    slot.baseline = self._totals(index)
+                slot.name, slot.url, slot.mode = name, analyzer.url, analyzer.mode
+                slot.incarnation += 1
+                slot.live, slot.removed_generation = True, -1
+            renewed.add(index)
+        return renewed
+
+    def release(self, name: str) -> None:
+        slot = self.live(name)
+        if slot is not None:
+            slot.live, slot.removed_generation = False, -1
+
+    def published(self, generation: int) -> None:
+        """The table now shows every released slot as removed (as of ``generation``)."""
+        for slot in self.released():
+            if slot.removed_generation < 0:
+                slot.removed_generation = generation
+
+    def counters(self, index: int, totals: list[list[int]]) -> dict[str, int]:
+        """The slot's counters summed over workers (``totals[counter][slot]``), net of its baseline."""
+        slot = self._slots[index]
+        baseline = slot.baseline if slot is not None else [0] * len(COUNTER_NAMES)
+        return {name: totals[c][index] - baseline[c] for c, name in enumerate(COUNTER_NAMES)}
+
+    def _totals(self, index: int) -> list[int]:
+        return [0 if c in GAUGES else self._table.global_counters(c)[index] for c in range(len(COUNTER_NAMES))]
