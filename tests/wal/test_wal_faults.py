@@ -1,0 +1,178 @@
+"""Disk faults: failed writes (EIO, EROFS, ENOSPC, EDQUOT, short writes) and a really full filesystem."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distributor.wal.inspect import inspect, verify
+from distributor.wal.log import WalUnavailable, WorkerLog
+from wal_support import append_turn, number, packet, replay_all, run
+
+
+def _name(fd: int) -> str:
+    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS, errno.ENOSPC, errno.EDQUOT])
+def test_a_failed_write_answers_failure_leaves_no_torn_record_and_recovers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    real = os.write
+    failing = threading.Event()
+
+    def write(fd: int, data: Any) -> int:
+        if failing.is_set() and _name(fd).endswith(".wal"):
+            if len(data) > 1000:  # half the batch reaches the file first, like a disk filling up mid-write
+                return real(fd, bytes(data[:len(data) // 2]))
+            raise OSError(code, os.strerror(code))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+    async def scenario() -> None:
+        log = await WorkerLog.open(tmp_path, 0, sync="interval", retry_interval=0.01)
+        await log.settle()
+        _, ok = await append_turn(log, [packet(i, 200) for i in range(10)])
+        assert ok
+        failing.set()
+        _, ok = await append_turn(log, [packet(i, 200) for i in range(10, 20)])
+        assert not ok
+        assert not log.available
+        assert log.unavailable_reason.startswith(f"write failed: {errno.errorcode[code]}")
+        with pytest.raises(WalUnavailable):
+            log.append(packet(99), 1)
+        assert log.stats.write_errors >= 1
+        assert log.stats.unacked_packets == 10  # the failed turn's packets are not in the books
+        report = inspect(tmp_path)
+        assert report["totals"]["torn_tails"] == 0 and report["totals"]["unacked_packets"] == 10
+        assert verify(tmp_path) == []
+        failing.clear()
+        await log.wait_available()  # by itself: a probe segment could be written
+        _, ok = await append_turn(log, [packet(i, 200) for i in range(20, 30)])
+        assert ok
+        await log.close()
+        log = await WorkerLog.open(tmp_path, 0)
+        replayed = await replay_all(log)
+        await log.close()
+        assert [number(r.raw) for r in replayed] == [*range(10), *range(20, 30)]
+        assert log.stats.torn_tails == 0 and log.stats.corrupt_records == 0
+
+    run(scenario())
+
+
+def test_acknowledgements_that_cannot_be_written_only_cost_duplicates(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if _name(fd).endswith(".ack") and len(data) > 100:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data)
+
+    async def scenario() -> None:
+        log = await WorkerLog.open(tmp_path, 0, sync="none")
+        await log.settle()
+        refs, _ = await append_turn(log, [packet(i) for i in range(50)])
+        monkeypatch.setattr(os, "write", write)
+        for ref in refs:
+            log.ack(ref)
+        await append_turn(log, [])
+        assert log.available and log.stats.write_errors == 1
+        monkeypatch.setattr(os, "write", real)
+        await log.close()
+        log = await WorkerLog.open(tmp_path, 0, sync="none")
+        assert len(await replay_all(log)) == 50  # delivered, but not recorded: replayed again
+        await log.close()
+
+    run(scenario())
+
+
+def test_enospc_on_a_small_tmpfs_answers_failure_and_recovers_when_space_returns(tmp_path: Path) -> None:
+    mount = tmp_path / "small"
+    _mount_tmpfs(mount, "2m")
+    try:
+        run(_fill_and_recover(mount))
+    finally:
+        _unmount(mount)
+
+
+async def _fill_and_recover(mount: Path) -> None:
+    filler = mount / "filler"
+    filler.write_bytes(bytes(1 << 20))
+    log = await WorkerLog.open(mount, 0, sync="interval", segment_bytes=256 << 10, max_bytes=64 << 20,
+                               retry_interval=0.02)
+    promised: list[int] = []
+    failed = 0
+    while log.available:
+        first = len(promised) + failed
+        batch = [packet(first + i, 2048) for i in range(20)]
+        _, ok = await append_turn(log, batch)
+        if ok:
+            promised += [number(raw) for raw in batch]
+        else:
+            failed += len(batch)
+        await log.settle()
+    assert failed and "ENOSPC" in log.unavailable_reason
+    assert 300 < len(promised) < 600
+    report = inspect(mount)
+    assert report["totals"]["torn_tails"] == 0  # the failed batch was cut back
+    assert report["totals"]["unacked_packets"] == len(promised)
+    filler.unlink()
+    await log.wait_available()
+    _, ok = await append_turn(log, [packet(10_000 + i, 2048) for i in range(20)])
+    assert ok
+    await log.close()
+    log = await WorkerLog.open(mount, 0, sync="interval")
+    replayed = await replay_all(log)
+    await log.close()
+    assert [number(r.raw) for r in replayed] == promised + list(range(10_000, 10_020))
+
+
+def _mount_tmpfs(mount: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def _unmount(mount: Path) -> None:
+    if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_read_only_filesystem_at_start_opens_unavailable_and_recovers_when_writable(tmp_path: Path) -> None:
+    mount = tmp_path / "ro"
+    _mount_tmpfs(mount, "4m")
+
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], check=True, capture_output=True)
+
+    async def scenario() -> None:
+        log = await WorkerLog.open(mount, 0, sync="interval", retry_interval=0.01)
+        await append_turn(log, [packet(i) for i in range(10)])
+        await log.close()
+        remount("ro")
+        log = await WorkerLog.open(mount, 0, sync="interval", retry_interval=0.01)  # no crash, no crash loop
+        assert not log.available and "EROFS" in log.unavailable_reason
+        assert await replay_all(log) == []  # its sidecar cannot take acks: left for a later start
+        remount("rw")
+        await log.wait_available()
+        assert (await append_turn(log, [packet(i) for i in range(10, 15)]))[1]
+        await log.close()
+        log = await WorkerLog.open(mount, 0, sync="interval")
+        assert [number(r.raw) for r in await replay_all(log)] == list(range(15))
+        await log.close()
+
+    try:
+        run(scenario())
+    finally:
+        _unmount(mount)
