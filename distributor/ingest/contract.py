@@ -15,9 +15,21 @@ import orjson
 
 PRIORITIES = ("high", "normal", "low")
 MAX_ID_LENGTH = 256
+# One valid range for both timestamp forms: years 0000-9999. Integer milliseconds since the epoch
+# cannot go below 0; 9999-12-31T23:59:59.999Z is the largest. RFC 3339 strings may carry a leap
+# second (:60), accepted as written: the leap-second table is not consulted.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+_MS_RANGE = f"integer milliseconds out of range 0..{MAX_TIMESTAMP_MS}"
+# the hot path: field ranges in the pattern, the calendar (days per month) by datetime.fromisoformat
 _RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+    r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?"
+    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 )
+# the error path (and the leap second, year 0000): the shape alone, each field checked to name what is wrong
+_RFC3339_SHAPE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?(?:[Zz]|[+-](\d{2}):(\d{2}))"
+)
+_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
 class ContractError(ValueError):
@@ -85,11 +97,15 @@ def _check_message(index: int, message: object) -> None:
         raise ContractError(f"messages[{index}].level", "missing or not a non-empty string")
     timestamp = message.get("timestamp")
     if type(timestamp) is int:
-        if timestamp < 0:
-            raise ContractError(f"messages[{index}].timestamp", "must not be negative")
+        if not 0 <= timestamp <= MAX_TIMESTAMP_MS:
+            raise ContractError(f"messages[{index}].timestamp", _MS_RANGE)
     elif type(timestamp) is str:
-        if not _RFC3339.fullmatch(timestamp) or not _valid_datetime(timestamp):
-            raise ContractError(f"messages[{index}].timestamp", "not an RFC 3339 date-time")
+        if not (_RFC3339.fullmatch(timestamp) and _calendar_date(timestamp)):
+            problem = _date_time_problem(timestamp)
+            if problem:
+                raise ContractError(f"messages[{index}].timestamp", problem)
+    elif type(timestamp) is float:  # orjson reads integers beyond 64 bits as floats
+        raise ContractError(f"messages[{index}].timestamp", _float_problem(timestamp))
     else:
         raise ContractError(
             f"messages[{index}].timestamp", "missing, or neither integer milliseconds nor an RFC 3339 string"
@@ -99,9 +115,42 @@ def _check_message(index: int, message: object) -> None:
         raise ContractError(f"messages[{index}].metadata", "must be an object when present")
 
 
-def _valid_datetime(text: str) -> bool:
+def _calendar_date(text: str) -> bool:
+    """Fast check of a string that has the RFC 3339 shape and field ranges (years 0001-9999, no leap second)."""
     try:
         datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
         return False
     return True
+
+
+def _date_time_problem(text: str) -> str:
+    """What is wrong with a timestamp string; empty when it is valid (a leap second or year 0000)."""
+    match = _RFC3339_SHAPE.fullmatch(text)
+    if match is None:
+        return "not an RFC 3339 date-time such as 2025-11-26T12:00:00.123Z (Z or a +hh:mm offset is required)"
+    year, month, day, hour, minute, second = (int(match[i]) for i in range(1, 7))
+    if not 1 <= month <= 12:
+        return f"month {match[2]} out of range 01-12"
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    days = 29 if month == 2 and leap else _DAYS[month - 1]
+    if not 1 <= day <= days:
+        return f"day {match[3]} out of range 01-{days} for {match[1]}-{match[2]}"
+    if hour > 23:
+        return f"hour {match[4]} out of range 00-23"
+    if minute > 59:
+        return f"minute {match[5]} out of range 00-59"
+    if second > 60:
+        return f"second {match[6]} out of range 00-60"
+    if match[7] is not None and (int(match[7]) > 23 or int(match[8]) > 59):
+        return f"offset {text[-6:]} out of range -23:59..+23:59"
+    return ""
+
+
+def _float_problem(value: float) -> str:
+    """Why a number with a fraction or exponent, or an integer beyond 64 bits (a float from orjson), is refused."""
+    if value.is_integer() and not 0 <= value <= MAX_TIMESTAMP_MS:
+        return _MS_RANGE
+    if value.is_integer():
+        return "integer milliseconds must be written without a fraction or an exponent"
+    return "milliseconds must be an integer, not a fraction"

@@ -4,6 +4,11 @@ Why not aiohttp: per request it builds a web.Request, a StreamReader, a task and
 response object. Here a request costs one ``Request`` plus one bytes object for the
 answer, the handler is synchronous (pipelined answers stay in order for free) and
 timeouts are deadline floats checked by one sweeper task per server, not timers.
+
+Deadlines are never early: they are set from a fresh ``time.monotonic()`` (one read per
+parser feed, not per callback) and the sweeper compares them with a fresh read. While the
+server holds answers the client has not read yet, the client's own clocks (head, body while
+paused, idle, linger) stop; a client that then reads nothing for ``idle_timeout`` is dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from time import monotonic
 from typing import NamedTuple
 
 import httptools
@@ -26,11 +32,16 @@ __all__ = ["HttpApp", "HttpLimits", "HttpServer", "HttpStats", "Request", "Respo
 
 log = logging.getLogger(__name__)
 
-# connection states
-_FRESH, _IDLE, _HEAD, _BODY, _CLOSING = range(5)
+# connection states; _CHUNKED: a chunked body after its first chunk-size line (trailer fields included).
+# _HEAD and _CHUNKED come last: their raw input is counted (a line may never end), tested as `>= _HEAD`.
+_FRESH, _IDLE, _BODY, _CLOSING, _HEAD, _CHUNKED = range(6)
 _LINGER = 1.0  # after an error answer keep draining input so the client reads it instead of an RST
 _FEED_SLICE = 16 << 10  # feed big reads in slices so a write-paused connection stops producing answers
 _INF = float("inf")
+# body pieces below this size are gathered in a bytearray: with ~60 bytes per object, a body
+# costs at most ~6% more than its size however it is chunked
+_SMALL_PIECE = 1024
+_RESTART = -1.0  # deadline mark set by parser callbacks: the state's clock starts at the end of this feed
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +125,9 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 
 _ERR_431 = json_error(431, "headers_too_large", "request line and headers exceed the limit")
+_ERR_431_TRAILERS = json_error(431, "headers_too_large", "trailer fields or chunk extensions exceed the header limit")
+_ERR_400_TE_10 = json_error(400, "bad_request", "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+_ERR_505 = json_error(505, "http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are supported")
 _ERR_408_HEAD = json_error(408, "request_timeout", "headers not received in time")
 _ERR_408_BODY = json_error(408, "request_timeout", "body not received in time")
 _ERR_500 = json_error(500, "internal_error", "the request could not be processed")
@@ -129,10 +143,11 @@ class _Conn(asyncio.Protocol):
     """One client connection: httptools callbacks drive a small state machine."""
 
     __slots__ = (
-        "_srv", "_app", "_stats", "_t", "_parser", "_state", "deadline", "_max_body", "_max_head",
+        "_srv", "_app", "_stats", "_timeouts", "_t", "_parser", "_state", "deadline", "_max_body", "_max_head",
         "_url", "_headers", "_body", "_parts", "_body_len", "_head_len", "_head_raw", "_clen",
         "_chunked", "_expect", "_hosts", "_method", "_path", "_query", "_version", "_keep",
-        "_rejected", "_paused", "_pending", "_eof", "_counted",
+        "_rejected", "_paused", "_pending", "_eof", "_counted", "_chunk_mark", "_held", "_check_at", "_unsent",
+        "_read_by",
     )  # fmt: skip
 
     def __init__(self, srv: HttpServer) -> None:
@@ -141,30 +156,29 @@ class _Conn(asyncio.Protocol):
         self._stats = srv.stats
         self._max_body = srv.limits.max_body_bytes
         self._max_head = srv.limits.max_header_bytes
+        self._timeouts = srv.timeouts
         self._t: asyncio.Transport | None = None
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._state = _FRESH
+        self.on_message_begin()  # the fields every request resets
+        self._state = _FRESH
         self.deadline = _INF
+        # set by on_headers_complete before any use, so not reset per request
+        self._path = self._query = b""
+        self._version = "1.1"
+        self._keep = True
+        self._parts: list[bytes | bytearray] | None = None  # a body of several pieces; None once it completes
         self._paused = False
         self._pending: bytes | None = None
         self._eof = False
         self._counted = False
-        self._head_raw = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._body = b""
-        self._parts: list[bytes] | None = None
-        self._body_len = self._head_len = self._hosts = 0
-        self._clen: int | None = None
-        self._chunked = self._expect = False
-        self._keep = True
-        self._method = b""
-        self._path = self._query = b""
-        self._version = "1.1"
-        self._rejected: Response | None = None
+        self._chunk_mark = 0
+        # waiting on a slow reader: the client's clock time left, the sweeper look that is due, the
+        # fewest unsent bytes seen so far and when the client must have read more by
+        self._held = 0.0
+        self._check_at = -_INF
+        self._unsent = 0
+        self._read_by = _INF
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -180,7 +194,7 @@ class _Conn(asyncio.Protocol):
         srv._open += 1
         self._stats.connections_open += 1
         self._stats.connections_total += 1
-        self.deadline = srv.now + srv.limits.header_timeout
+        self.deadline = monotonic() + srv.limits.header_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self._srv
@@ -203,7 +217,10 @@ class _Conn(asyncio.Protocol):
         if self._paused or self._pending is not None:
             self._pending = data if self._pending is None else self._pending + data
             return
-        self._feed(data)
+        if len(data) <= _FEED_SLICE:
+            self._feed_one(data)  # the usual read: one call less than through _feed
+        else:
+            self._feed(data)
 
     def eof_received(self) -> bool | None:
         if self._pending is not None and self._state != _CLOSING:
@@ -221,6 +238,8 @@ class _Conn(asyncio.Protocol):
         self._paused = False
         if self._state == _CLOSING or self._t is None:
             return
+        if self.deadline == self._check_at:  # set by _hold
+            self.deadline = monotonic() + self._held  # the time paused did not count
         pending, self._pending = self._pending, None
         if pending is not None:
             self._feed(pending)
@@ -251,8 +270,8 @@ class _Conn(asyncio.Protocol):
             pos += _FEED_SLICE
 
     def _feed_one(self, data: bytes | memoryview) -> None:
-        if self._state == _HEAD:
-            self._head_raw += len(data)  # catches a header that never ends within one read
+        if self._state >= _HEAD:
+            self._head_raw += len(data)  # catches a head or trailer line that never ends within one read
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
@@ -266,28 +285,55 @@ class _Conn(asyncio.Protocol):
                 self._fail(_ERR_500)
                 return
             self._stats.bad_requests += 1
+            parser = typing.cast(httptools.HttpRequestParser, self._parser)
+            if isinstance(exc, httptools.HttpParserInvalidURLError):
+                self._method = parser.get_method()  # parsed before the URL, which _fail cannot tell
+            elif self._url and parser.get_method() == b"PRI":
+                self._fail(_ERR_505)  # the HTTP/2 connection preface
+                return
             self._fail(json_error(400, "bad_request", str(exc) or "malformed request"))
             return
-        if self._state == _HEAD and self._head_raw > self._max_head:
-            self._stats.too_large += 1
-            self._fail(_ERR_431)
+        state = self._state
+        if state >= _HEAD:  # for _CHUNKED: raw bytes since the last chunk-size line that were not chunk data
+            raw = self._head_raw if state == _HEAD else self._head_raw - (self._body_len - self._chunk_mark)
+            if raw > self._max_head:
+                self._stats.too_large += 1
+                self._fail(_ERR_431 if state == _HEAD else _ERR_431_TRAILERS)
+                return
+        if self.deadline < 0.0:  # a callback restarted the clock: one clock read per feed, not per callback
+            self.deadline = monotonic() + self._timeouts[state]
+        if self._paused and state != _CLOSING:
+            self._hold()
 
     # ---- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        """Start a request's clock and reset what the request has not set yet (inline: runs per request)."""
         if self._state != _FRESH:  # the first request's clock runs from connection open
-            self.deadline = self._srv.now + self._srv.limits.header_timeout
+            self.deadline = _RESTART
         self._state = _HEAD
         self._head_raw = 0
-        self._reset()
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body = b""
+        self._body_len = self._head_len = self._hosts = 0
+        self._clen: int | None = None
+        self._chunked = self._expect = False
+        self._method = b""  # an error answer before the head is complete reads it (HEAD: no body)
+        self._rejected: Response | None = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_len += len(name) + len(value) + 4
+        if self._state != _HEAD:  # a trailer field after a chunked body: counted toward the limit, not kept
+            if self._head_len + len(self._url) > self._max_head:
+                self._stats.too_large += 1
+                self._stop(_ERR_431_TRAILERS)
+            return
         name = name.lower()
         self._headers.append((name, value))
-        self._head_len += len(name) + len(value) + 4
         if name == b"content-length":
             self._clen = int(value)  # llhttp validated digits and duplicates
         elif name == b"host":
@@ -300,23 +346,29 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         p = typing.cast(httptools.HttpRequestParser, self._parser)
         srv = self._srv
-        self._version = p.get_http_version()
+        self._method = method = p.get_method()  # first: error answers to HEAD carry no body
+        self._version = version = p.get_http_version()
+        if version != "1.1" and version != "1.0":  # llhttp also parses 0.9 and 2.0 request lines
+            self._stats.bad_requests += 1
+            self._stop(_ERR_505)
         if self._head_len + len(self._url) > self._max_head:
             self._stats.too_large += 1
             self._stop(_ERR_431)
         if p.should_upgrade():
             self._stop(_ERR_501_UPGRADE)
-        if self._hosts != 1 and (self._hosts or self._version == "1.1"):
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
             self._stats.bad_requests += 1
             self._stop(json_error(400, "bad_request", "exactly one Host header is required"))
-        self._method = method = p.get_method()
+        if self._chunked and version == "1.0":  # RFC 9112 6.1: a proxy may frame it otherwise (smuggling)
+            self._stats.bad_requests += 1
+            self._stop(_ERR_400_TE_10)
         self._keep = p.should_keep_alive() and not srv._closing
         url = self._url
         if url[:1] != b"/":
             url = self._absolute_path(url)
         q = url.find(b"?")
         if q < 0:
-            self._path = url
+            self._path, self._query = url, b""
         else:
             self._path, self._query = url[:q], url[q + 1 :]
         clen = self._clen
@@ -328,7 +380,7 @@ class _Conn(asyncio.Protocol):
         except Exception:
             log.exception("http11: preflight failed")
             self._stop(_ERR_500)
-        has_body = self._chunked or bool(clen)
+        has_body = self._chunked or clen  # truthy: chunked, or a non-zero Content-Length
         if rejected is not None:
             if has_body:
                 self._stop(rejected)  # never read a body we refuse; close instead
@@ -336,7 +388,13 @@ class _Conn(asyncio.Protocol):
         elif self._expect and has_body and self._version == "1.1":
             self._t.write(_CONTINUE)  # type: ignore[union-attr]
         self._state = _BODY
-        self.deadline = srv.now + srv.limits.body_timeout
+        self.deadline = _RESTART
+
+    def on_chunk_header(self) -> None:
+        # from here raw input that is not chunk data (size lines, extensions, trailer fields) is limited like a head
+        self._state = _CHUNKED
+        self._head_raw = 0
+        self._chunk_mark = self._body_len
 
     def on_body(self, data: bytes) -> None:
         n = self._body_len + len(data)
@@ -344,18 +402,31 @@ class _Conn(asyncio.Protocol):
             self._stats.too_large += 1
             self._stop(self._srv.err_413)
         self._body_len = n
-        if self._parts is not None:
-            self._parts.append(data)
+        parts = self._parts
+        if parts is not None:
+            if len(data) >= _SMALL_PIECE:
+                parts.append(data)
+            else:  # tiny chunks must not cost an object each: they go into one bytearray
+                last = parts[-1]
+                if type(last) is bytearray:
+                    last += data
+                else:
+                    parts.append(bytearray(data))
         elif self._body:
             self._parts = [self._body, data]
         else:
-            self._body = data
+            self._body = data  # the usual single piece: kept as is, no copy
 
     def on_message_complete(self) -> None:
         self._stats.requests += 1
         response = self._rejected
         if response is None:
-            body = b"".join(self._parts) if self._parts is not None else self._body
+            parts = self._parts
+            if parts is None:
+                body = self._body
+            else:
+                body = b"".join(parts)
+                self._parts = None  # an idle connection keeps no body pieces
             request = Request(self._method, self._path, self._query, self._headers, body, self._version)
             try:
                 response = self._app.handle(request)
@@ -367,7 +438,7 @@ class _Conn(asyncio.Protocol):
         if self._keep and not srv._closing:
             self._write(response, True)
             self._state = _IDLE
-            self.deadline = srv.now + srv.limits.idle_timeout
+            self.deadline = _RESTART
         else:
             self._stop(response)
 
@@ -382,7 +453,10 @@ class _Conn(asyncio.Protocol):
         else:
             conn = b""
         xh = b"".join([b"%s: %s\r\n" % h for h in extra]) if extra else b""
-        line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        try:  # subscript, not .get(): this runs for every answer
+            line = _STATUS_LINES[status]
+        except KeyError:
+            line = b"HTTP/1.1 %d Unknown\r\n" % status
         data = _RESPONSE_FMT % (line, ctype, len(body), self._srv.date, conn, xh, body)
         if self._method == b"HEAD" or status in _NO_BODY_STATUS:  # rare: strip the payload
             data = data[: len(data) - len(body)]
@@ -390,7 +464,10 @@ class _Conn(asyncio.Protocol):
                 data = data.replace(b"content-length: %d\r\n" % len(body), b"", 1)
         self._t.write(data)  # type: ignore[union-attr]
         by_status = self._stats.responses_by_status
-        by_status[status] = by_status.get(status, 0) + 1
+        try:
+            by_status[status] += 1
+        except KeyError:
+            by_status[status] = 1
 
     def _stop(self, response: Response) -> typing.NoReturn:
         """Answer, close, and abort the parser (callbacks only)."""
@@ -401,6 +478,10 @@ class _Conn(asyncio.Protocol):
         """Write a final answer with Connection: close, then half-close and linger."""
         if self._state == _CLOSING or self._t is None:
             return
+        if self._state == _HEAD and not self._method and self._url:
+            # head incomplete but its method parsed (before on_url the parser holds a stale one):
+            # an answer to HEAD carries no body
+            self._method = typing.cast(httptools.HttpRequestParser, self._parser).get_method()
         self._write(response, False)
         self._linger()
 
@@ -411,7 +492,7 @@ class _Conn(asyncio.Protocol):
         assert t is not None
         self._state = _CLOSING
         self._pending = None
-        self.deadline = self._srv.now + _LINGER
+        self.deadline = monotonic() + _LINGER
         if t.can_write_eof():
             t.write_eof()
             if self._paused:
@@ -424,25 +505,61 @@ class _Conn(asyncio.Protocol):
         if self._t is None or self._state == _CLOSING:
             return
         self._state = _CLOSING
-        self.deadline = self._srv.now + _LINGER
+        self.deadline = monotonic() + _LINGER
         self._t.close()
 
-    def _on_deadline(self) -> None:
+    def _hold(self) -> None:
+        """Paused for a slow reader: stop the client's clock (kept in _held) and watch its reading instead."""
+        now = monotonic()
+        if self.deadline != self._check_at:  # else already waiting: _held is set
+            self._held = self.deadline - now
+        self._watch(typing.cast(asyncio.Transport, self._t).get_write_buffer_size(), now)
+
+    def _watch(self, unsent: int, now: float) -> None:
+        """Look again next tick; the client has until idle_timeout from now to read some of `unsent`."""
+        self._unsent = unsent
+        self._read_by = now + self._srv.limits.idle_timeout
+        self.deadline = self._check_at = now + self._srv.tick
+
+    def _on_deadline(self, now: float) -> None:
         """Called by the sweeper once `deadline` has passed."""
+        t = self._t
+        if t is None:
+            self.deadline = _INF
+            return
         state, stats = self._state, self._stats
+        unsent = t.get_write_buffer_size()
+        waiting = self.deadline == self._check_at
+        if unsent and (self._paused or (state != _BODY and state != _CHUNKED)):
+            # Answers wait for the client to read them, so its own clock stops (a body it is still
+            # sending while we read is the exception); it only has to keep reading.
+            if not waiting:
+                self._held = self._timeouts[state]  # when it started waiting is unknown: full time after
+                self._watch(unsent, now)
+            elif unsent < self._unsent:
+                self._watch(unsent, now)
+            elif now >= self._read_by:  # it read nothing for idle_timeout: nothing more can be delivered
+                stats.idle_closed += 1
+                self.deadline = _INF
+                t.abort()
+            else:
+                self.deadline = self._check_at = now + self._srv.tick
+            return
+        if waiting:  # every answer is out: the client's clock runs again
+            self.deadline = now + self._held
+            return
         if state == _IDLE:
             stats.idle_closed += 1
             self._close_now()
         elif state == _HEAD or state == _FRESH:
             stats.header_timeouts += 1
             self._fail(_ERR_408_HEAD)
-        elif state == _BODY:
+        elif state == _BODY or state == _CHUNKED:
             stats.body_timeouts += 1
             self._fail(_ERR_408_BODY)
         else:
             self.deadline = _INF
-            if self._t is not None:
-                self._t.abort()
+            t.abort()
 
     def _on_shutdown(self) -> None:
         """Idle connections go at once; one mid-request gets its answer with Connection: close."""
@@ -476,10 +593,12 @@ class HttpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._second = 0
         self.date = _date_line()
-        self.now = time.monotonic()
         self.err_413 = json_error(413, "body_too_large", f"body exceeds {limits.max_body_bytes} bytes")
         shortest = min(limits.header_timeout, limits.body_timeout, limits.idle_timeout)
-        self._tick = min(1.0, max(0.05, shortest / 4))
+        self.tick = min(1.0, max(0.05, shortest / 4))
+        # the clock each connection state runs on, indexed by state
+        self.timeouts = (limits.header_timeout, limits.idle_timeout, limits.body_timeout, _LINGER,
+                         limits.header_timeout, limits.body_timeout)
 
     def _factory(self) -> _Conn:
         return _Conn(self)
@@ -492,27 +611,25 @@ class HttpServer:
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound and listening socket (SO_REUSEPORT is the caller's business)."""
         loop = asyncio.get_running_loop()
-        self.now = loop.time()
         # create_server calls listen() again (default 100); ask for more, the kernel clamps to somaxconn
         self._server = await loop.create_server(self._factory, sock=sock, backlog=65535)
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
         """One task for all deadlines and the cached Date header: no timers per request."""
-        loop = asyncio.get_running_loop()
         while True:
-            self.now = now = loop.time()
             second = int(time.time())
             if second != self._second:
                 self._second = second
                 self.date = _date_line()
+            now = monotonic()
             expired = [c for c in self._conns if c.deadline <= now]
             for conn in expired:
                 try:
-                    conn._on_deadline()
+                    conn._on_deadline(now)
                 except Exception:  # a broken transport must not stop the sweeper
                     log.exception("http11: timeout handling failed")
-            await asyncio.sleep(self._tick)
+            await asyncio.sleep(self.tick)
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, close idle connections, let in-flight requests finish, abort after `timeout`."""

@@ -93,6 +93,12 @@ GOOD_PACKETS = [
     ("priority low", body(priority="low")),
     ("max messages", body(messages=[message()] * MAX_MESSAGES)),
     ("pretty printed", json.dumps(json.loads(body()), indent=2).encode()),
+    ("leap second", body(messages=[message(timestamp="2016-12-31T23:59:60Z")])),
+    ("leap second with offset", body(messages=[message(timestamp="2016-12-31T15:59:60.5-08:00")])),
+    ("year 0000", body(messages=[message(timestamp="0000-02-29T00:00:00Z")])),
+    ("year 9999", body(messages=[message(timestamp="9999-12-31T23:59:59.999Z")])),
+    ("epoch integer", body(messages=[message(timestamp=0)])),
+    ("largest integer", body(messages=[message(timestamp=253402300799999)])),
 ]
 
 
@@ -137,3 +143,31 @@ def test_forwarded_bytes_are_the_received_bytes(cluster: LocalCluster, client: C
 
     wait_until(lambda: ["bytes-e", "bytes-1"] in [list(k) for k in analyzer.packet_keys()], 10, "packet delivery")
     assert analyzer.stats()["levels"].get("WARN", 0) >= 1
+
+
+OUT_OF_RANGE = "integer milliseconds out of range 0..253402300799999"
+TIMESTAMP_ERRORS = [
+    ("2^64", b"18446744073709551616", OUT_OF_RANGE),
+    ("2^64 - 1", b"18446744073709551615", OUT_OF_RANGE),
+    ("year 10000", b"253402300800000", OUT_OF_RANGE),
+    ("negative", b"-1", OUT_OF_RANGE),
+    ("below -2^63", b"-9223372036854775809", OUT_OF_RANGE),
+    ("fraction", b"1764172800123.5", "milliseconds must be an integer, not a fraction"),
+    ("exponent", b"1.764172800123e12", "integer milliseconds must be written without a fraction or an exponent"),
+    ("second 61", b'"2016-12-31T23:59:61Z"', "second 61 out of range 00-60"),
+    ("february 30", b'"2025-02-30T12:00:00Z"', "day 30 out of range 01-28 for 2025-02"),
+    ("month 13", b'"2025-13-01T12:00:00Z"', "month 13 out of range 01-12"),
+    ("hour 24", b'"2025-11-26T24:00:00Z"', "hour 24 out of range 00-23"),
+    ("offset minute 60", b'"2025-11-26T12:00:00+00:60"', "offset +00:60 out of range -23:59..+23:59"),
+    ("no offset", b'"2025-11-26T12:00:00"',
+     "not an RFC 3339 date-time such as 2025-11-26T12:00:00.123Z (Z or a +hh:mm offset is required)"),
+]
+
+
+@pytest.mark.parametrize("literal,detail", [c[1:] for c in TIMESTAMP_ERRORS], ids=[c[0] for c in TIMESTAMP_ERRORS])
+def test_timestamp_error_says_exactly_what_is_wrong(client: Client, literal: bytes, detail: str) -> None:
+    raw = body(messages=[message(), message(timestamp="TS")]).replace(b'"TS"', literal)
+    status, _, payload = client.post(raw)
+    assert status == 400
+    assert payload == {"error": "invalid_packet", "field": "messages[1].timestamp",
+                       "detail": f"messages[1].timestamp: {detail}"}

@@ -21,10 +21,13 @@ T = TypeVar("T")
 
 
 class EchoApp:
-    """202 with body length, path and query; 404 off /ingest (and /boom), 405 for non-POST."""
+    """202 with body length, path and query; 404 off /ingest (and /boom, /headers), 405 for non-POST.
+
+    /headers answers the request's header names; a query ``pad=N`` adds N bytes to the answer.
+    """
 
     def preflight(self, method: bytes, path: bytes, content_length: int | None) -> Response | None:
-        if path not in (b"/ingest", b"/boom"):
+        if path not in (b"/ingest", b"/boom", b"/headers"):
             return json_error(404, "not_found", "no such path")
         if method != b"POST":
             return json_error(405, "method_not_allowed", "use POST", retry_after=None)
@@ -33,18 +36,24 @@ class EchoApp:
     def handle(self, request: Request) -> Response:
         if request.path == b"/boom":
             raise RuntimeError("handler bug (expected by the test)")
+        if request.path == b"/headers":
+            return Response(202, orjson.dumps([name.decode() for name, _ in request.headers]))
         payload = {"len": len(request.body), "path": request.path.decode(), "query": request.query.decode()}
+        if request.query.startswith(b"pad="):
+            payload["pad"] = "p" * int(request.query[4:])
         return Response(202, orjson.dumps(payload))
 
 
 class ServerThread:
     """An HttpServer on 127.0.0.1:0 driven by its own uvloop in a daemon thread."""
 
-    def __init__(self, limits: HttpLimits) -> None:
+    def __init__(self, limits: HttpLimits, sndbuf: int = 0) -> None:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         sock = socket.socket()
+        if sndbuf:  # accepted sockets inherit it: unsent answers then stay in the server's own buffer
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         sock.setblocking(False)
