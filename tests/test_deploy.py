@@ -2,13 +2,16 @@
 
 * promtool checks the alert rules and the Prometheus config, and runs the alert unit tests
   (deploy/prometheus/alerts_test.yml).
-* A real Prometheus on 127.0.0.1 scrapes a real distributor every second with the repository's
-  alerts.yml loaded: every rule evaluates without error, every dashboard and alert expression
-  parses, a packet shows up in distributor_packets_total, and killing a worker fires
-  DistributorWorkerRestarted.
+* A real Prometheus on 127.0.0.1 scrapes a real distributor (write-ahead log on, as in compose and
+  Kubernetes) every second with the repository's alerts.yml loaded: every rule evaluates without
+  error, every dashboard and alert expression parses, every distributor_wal_* name they use is
+  exported, a packet shows up in distributor_packets_total and goes through the log, no WAL alert
+  selects anything on a healthy log, and killing a worker fires DistributorWorkerRestarted.
 * Every Kubernetes manifest validates offline against the bundled Kubernetes schemas
   (kubernetes-validate); the KEDA ScaledObject, the compose file, the Dockerfile, Grafana's
-  provisioning and the dashboard are checked structurally.
+  provisioning and the dashboard are checked structurally, and against each other: the WAL volume
+  (compose named volume, StatefulSet PersistentVolumeClaim) is mounted where the configuration's
+  wal.dir points, and the claim is sized for workers x wal.max_bytes.
 
 Tools: Debian's ``prometheus`` package (promtool, prometheus); PyPI ``kubernetes-validate`` and
 ``pyyaml``. Outside CI a missing tool skips its tests; with ``CI`` set it fails them.
@@ -65,14 +68,37 @@ GAUGES = {
     "distributor_queue_capacity_packets", "distributor_worker_memory_limit_bytes",
 }
 HISTOGRAMS = {"distributor_ingest_latency_seconds"}
+# The write-ahead log's families (labelled {worker}; the histogram has no labels), exported only while
+# wal.dir is set. test_wal_metrics_are_exported compares this list with a real scrape, both ways.
+WAL_COUNTERS = {
+    "distributor_wal_replayed_packets", "distributor_wal_possible_duplicates", "distributor_wal_corrupt_records",
+    "distributor_wal_torn_tails", "distributor_wal_damaged_acks", "distributor_wal_write_errors",
+    "distributor_wal_set_aside", "distributor_wal_appended_packets", "distributor_wal_bytes_written",
+    "distributor_wal_fsyncs",
+}
+WAL_GAUGES = {
+    "distributor_wal_bytes", "distributor_wal_max_bytes", "distributor_wal_segments",
+    "distributor_wal_unacked_packets", "distributor_wal_unacked_messages",
+    "distributor_wal_oldest_unacked_age_seconds", "distributor_wal_replay_remaining_bytes",
+    "distributor_wal_available",
+}
+WAL_HISTOGRAMS = {"distributor_wal_fsync_seconds"}
+COUNTERS |= WAL_COUNTERS
+GAUGES |= WAL_GAUGES
+HISTOGRAMS |= WAL_HISTOGRAMS
+WAL_METRIC_NAMES = (
+    {f"{name}_total" for name in WAL_COUNTERS}
+    | WAL_GAUGES
+    | {f"{name}{suffix}" for name in WAL_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+)
 METRIC_NAMES = (
     {f"{name}_total" for name in COUNTERS}
     | GAUGES
     | {f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 )
 LABEL_VALUES = {
-    "outcome": {"accepted", "invalid", "unavailable", "shed", "rate_limited", "routed", "delivered",
-                "rejected", "dropped_shutdown", "lost_worker_crash"},
+    "outcome": {"accepted", "invalid", "unavailable", "shed", "rate_limited", "wal_unavailable", "routed",
+                "delivered", "rejected", "dropped_shutdown", "lost_worker_crash"},
     "state": {"active", "down", "ejected", "saturated", "draining", "drained", "warming"},
     "kind": {"rss", "uss"},
     "event": {"connections_total", "connections_rejected", "bad_requests", "too_large", "header_timeouts",
@@ -158,6 +184,16 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
 
 
+WAL_ALERTS = {
+    "DistributorWalUnavailable", "DistributorWalNearFull", "DistributorWalOldestUnackedHigh",
+    "DistributorWalWriteErrors", "DistributorWalCorruption", "DistributorWalLongReplay", "DistributorWalFsyncSlow",
+}
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    return [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+
+
 def github_anchors(markdown: str) -> set[str]:
     anchors = set(re.findall(r'<a\s+(?:id|name)="([^"]+)"', markdown))
     for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.M):
@@ -217,7 +253,7 @@ def test_alert_rules_are_complete_and_link_the_runbook() -> None:
     assert {
         "DistributorQueueNearFull", "DistributorHigh503Rate", "DistributorAnalyzerFlapping",
         "DistributorAnalyzerDown", "DistributorWorkerMemoryNearLimit", "DistributorWorkerRestarted",
-    } <= names
+    } | WAL_ALERTS <= names
     for rule in rules:
         where = f"alert {rule['alert']}"
         annotations = rule.get("annotations", {})
@@ -237,6 +273,30 @@ def test_alert_rules_are_complete_and_link_the_runbook() -> None:
     assert "changes(distributor_analyzer_up[10m])" in by_name["DistributorAnalyzerFlapping"]["expr"]
     assert "distributor_worker_memory_limit_bytes > 0" in by_name["DistributorWorkerMemoryNearLimit"]["expr"]
     assert "[10m]" in by_name["DistributorWorkerRestarted"]["expr"]
+    # the write-ahead log
+    wal = {name: by_name[name] for name in WAL_ALERTS}
+    assert wal["DistributorWalUnavailable"]["for"] == "1m"
+    assert wal["DistributorWalUnavailable"]["labels"]["severity"] == "critical"
+    assert re.fullmatch(r"\s*distributor_wal_available\s*==\s*0\s*", wal["DistributorWalUnavailable"]["expr"])
+    near_full = wal["DistributorWalNearFull"]["expr"]
+    assert "distributor_wal_bytes" in near_full and "distributor_wal_max_bytes > 0" in near_full
+    assert float(re.findall(r">\s*([0-9.]+)\s*$", near_full.strip())[0]) == 0.8
+    assert "distributor_wal_oldest_unacked_age_seconds > 600" in wal["DistributorWalOldestUnackedHigh"]["expr"]
+    for name, counters in (("DistributorWalWriteErrors", ["distributor_wal_write_errors_total"]),
+                           ("DistributorWalCorruption", ["distributor_wal_corrupt_records_total",
+                                                         "distributor_wal_set_aside_total"])):
+        expr = wal[name]["expr"]
+        for counter in counters:  # counted while running, and before the series' first scrape
+            assert f"increase({counter}[10m]) > 0" in expr, name
+            assert f"({counter} > 0 unless {counter} offset 10m)" in expr, name
+        # what every crash leaves (repaired by the log itself) is not corruption
+        assert "torn_tails" not in expr and "damaged_acks" not in expr, name
+    assert wal["DistributorWalLongReplay"]["for"] == "10m"
+    assert "distributor_wal_replay_remaining_bytes > 0" in wal["DistributorWalLongReplay"]["expr"]
+    fsync = wal["DistributorWalFsyncSlow"]
+    assert fsync["for"] == "10m"
+    assert "histogram_quantile(0.99" in fsync["expr"] and "distributor_wal_fsync_seconds_bucket" in fsync["expr"]
+    assert fsync["expr"].strip().endswith("> 0.5")
 
 
 # --- Grafana -------------------------------------------------------------------------------------
@@ -256,11 +316,26 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         "distributor_analyzer_state", "distributor_analyzer_up", "distributor_worker_memory_bytes",
         "distributor_worker_cpu_seconds_total", "distributor_event_loop_lag_seconds",
         "distributor_ingest_latency_seconds_bucket",
+        # the write-ahead log row
+        "distributor_wal_available", "distributor_wal_bytes", "distributor_wal_max_bytes",
+        "distributor_wal_unacked_packets", "distributor_wal_oldest_unacked_age_seconds",
+        "distributor_wal_fsync_seconds_bucket", "distributor_wal_write_errors_total",
+        "distributor_wal_corrupt_records_total", "distributor_wal_set_aside_total",
+        "distributor_wal_replayed_packets_total", "distributor_wal_replay_remaining_bytes",
     ):
         assert required in used, f"the dashboard shows nothing of {required}"
     assert any("histogram_quantile(0.99" in expr for _, expr in exprs)
-    grid = [p["gridPos"] for p in dashboard["panels"]]
-    assert all(0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0 for g in grid)
+    fsync_exprs = [expr for _, expr in exprs if "distributor_wal_fsync_seconds_bucket" in expr]
+    assert any("histogram_quantile(0.99," in expr for expr in fsync_exprs), "fsync p99"
+    assert any("histogram_quantile(0.5," in expr for expr in fsync_exprs), "fsync p50"
+    assert any(p["type"] == "row" and p["title"] == "Write-ahead log" for p in dashboard["panels"])
+    grid = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+    assert all(0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0 and g["y"] >= 0 for _, g in grid)
+    for i, (title_a, a) in enumerate(grid):  # no two panels share a grid cell
+        for title_b, b in grid[i + 1:]:
+            overlap = (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+                       and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+            assert not overlap, f"panels {title_a!r} and {title_b!r} overlap: {a} {b}"
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
@@ -352,6 +427,46 @@ def test_compose_config_is_valid_and_scrapable() -> None:
     assert "Prometheus" in comment, "say why admin_listen is 0.0.0.0 in a comment above it"
     result = run([sys.executable, "-m", "distributor", "check-config", str(path)])
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"write-ahead log {config['wal']['dir']}: clean" in result.stdout  # check-config verified wal.dir
+
+
+WAL_SYNC_MODES = ("none", "interval", "always")
+
+
+def check_wal_config(config: dict[str, Any], where: str) -> str:
+    """The WAL is on, in an absolute directory, with a valid sync mode; returns wal.dir."""
+    wal = config.get("wal", {})
+    directory = wal.get("dir", "")
+    assert directory, f"{where}: the write-ahead log is off ([wal] dir is empty)"
+    assert directory.startswith("/") and not directory.endswith("/"), f"{where}: wal.dir {directory!r}"
+    assert wal.get("sync", "interval") in WAL_SYNC_MODES, f"{where}: wal.sync {wal.get('sync')!r}"
+    return str(directory)
+
+
+def test_compose_wal_volume() -> None:
+    """The compose config turns the WAL on, and its directory is a named volume (it survives the container)."""
+    spec = compose()
+    config = tomllib.loads((DEPLOY / "distributor.compose.toml").read_text())
+    wal_dir = check_wal_config(config, "distributor.compose.toml")
+    mounts = [str(v).split(":") for v in spec["services"]["distributor"]["volumes"]]
+    (mount,) = [m for m in mounts if m[1] == wal_dir]
+    source = mount[0]
+    assert not source.startswith((".", "/")), f"the WAL at {wal_dir} must be a named volume, not {source}"
+    assert source in (spec.get("volumes") or {}), f"named volume {source} is not declared"
+    assert "ro" not in mount[2:], "the WAL volume must be writable"
+    # only the distributor writes it (two processes on one directory would fight over the slot locks)
+    for name, service in spec["services"].items():
+        if name != "distributor":
+            assert all(str(v).split(":")[0] != source for v in service.get("volumes", [])), name
+    # the image prepares the mount point for the non-root user, so a new named volume is writable
+    final = dockerfile_instructions()
+    final = final[max(i for i, (op, _) in enumerate(final) if op == "FROM"):]
+    user = [arg for op, arg in final if op == "USER"][-1]
+    runs = " ".join(arg for op, arg in final if op == "RUN")
+    assert re.search(rf"mkdir -p [^&]*{re.escape(wal_dir)}(\s|$)", runs), f"the image does not create {wal_dir}"
+    assert re.search(rf"chown {re.escape(user)} {re.escape(wal_dir)}(\s|$)", runs), \
+        f"{wal_dir} must belong to the runtime user {user}"
+    assert not any(op == "VOLUME" for op, _ in final), "no VOLUME: it makes an anonymous volume per container"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -424,11 +539,14 @@ def test_k8s_manifests_validate_against_schemas() -> None:
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{filename} {doc['kind']}/{doc['metadata']['name']}: {path}: {exc.message}")
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ScaledObject"} <= kinds
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "ScaledObject"} <= kinds
 
 
-def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    return deployment["spec"]["template"]["spec"]["containers"][0]
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]["containers"][0]
 
 
 def port_number(c: dict[str, Any], port: int | str) -> int:
@@ -437,10 +555,11 @@ def port_number(c: dict[str, Any], port: int | str) -> int:
     return next(p["containerPort"] for p in c["ports"] if p["name"] == port)
 
 
-def test_k8s_distributor_deployment() -> None:
-    deployment = find("Deployment", "distributor")
-    pod = deployment["spec"]["template"]["spec"]
-    c = container(deployment)
+def test_k8s_distributor_statefulset() -> None:
+    statefulset = find("StatefulSet", "distributor")
+    assert not [d for _, d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "distributor"]
+    pod = statefulset["spec"]["template"]["spec"]
+    c = container(statefulset)
     configmap = find("ConfigMap", "distributor-config")
     config = tomllib.loads(configmap["data"]["distributor.toml"])
     admin_port = int(config["admin_listen"].rsplit(":", 1)[1])
@@ -474,6 +593,62 @@ def test_k8s_distributor_deployment() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity (4Gi, 5G, 1073741824) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
+    assert match, f"unsupported quantity {quantity!r}"
+    factor = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+              "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2)]
+    return int(float(match.group(1)) * factor)
+
+
+def cpu_count(quantity: str | int) -> int:
+    """limits.cpu as the Downward API gives it with divisor 1: rounded up (1500m -> 2)."""
+    text = str(quantity)
+    return -(-int(text[:-1]) // 1000) if text.endswith("m") else -(-int(float(text) * 1000) // 1000)
+
+
+def test_k8s_statefulset_wal_volume() -> None:
+    """Each pod's write-ahead log is a PersistentVolumeClaim mounted where the ConfigMap's wal.dir points."""
+    statefulset = find("StatefulSet", "distributor")
+    spec = statefulset["spec"]
+    pod = spec["template"]["spec"]
+    c = container(statefulset)
+    config = tomllib.loads(find("ConfigMap", "distributor-config")["data"]["distributor.toml"])
+    wal_dir = check_wal_config(config, "ConfigMap distributor-config")
+    # the claim template, mounted read-write at wal.dir
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == wal_dir]
+    assert not mount.get("readOnly", False) and not mount.get("subPath")
+    claims = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
+    assert mount["name"] in claims, f"{wal_dir} is mounted from {mount['name']}, not from a volumeClaimTemplate"
+    assert mount["name"] not in {v["name"] for v in pod.get("volumes", [])}, "a pod volume would shadow the claim"
+    claim = claims[mount["name"]]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"], "one pod, one log: never shared between pods"
+    assert claim.get("volumeMode", "Filesystem") == "Filesystem"
+    # sized for every worker's wal.max_bytes, with headroom for what max_bytes does not count
+    workers = cpu_count(c["resources"]["limits"]["cpu"])
+    max_bytes = int(config["wal"].get("max_bytes", 1 << 30))
+    storage = quantity_bytes(claim["resources"]["requests"]["storage"])
+    assert storage >= 1.25 * workers * max_bytes, (
+        f"claim {claim['resources']['requests']['storage']} < 1.25 x {workers} workers x wal.max_bytes {max_bytes}")
+    assert max_bytes >= 2 * int(config["wal"].get("segment_bytes", 64 << 20))
+    # the non-root user can write the volume: the pod's fsGroup owns it
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True and security.get("runAsUser", 0) != 0
+    assert security.get("fsGroup") == security.get("runAsGroup"), "fsGroup makes the volume writable for the user"
+    assert security.get("fsGroupChangePolicy") == "OnRootMismatch", "no recursive chown of the log at every start"
+    # the claims outlive pods, scale-downs and the StatefulSet itself: they hold packets answered 202
+    retention = spec.get("persistentVolumeClaimRetentionPolicy", {})
+    assert retention.get("whenDeleted", "Retain") == "Retain" and retention.get("whenScaled", "Retain") == "Retain"
+    # the governing Service is headless and selects these pods
+    service = find("Service", spec["serviceName"])
+    assert service["spec"].get("clusterIP") == "None", f"Service {spec['serviceName']} must be headless"
+    assert selects(service["spec"]["selector"], statefulset)
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec.get("podManagementPolicy") == "Parallel"
+    assert spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+
+
 def test_k8s_configmap_is_a_valid_distributor_config(tmp_path: Path) -> None:
     config_file = tmp_path / "distributor.toml"
     config_file.write_text(find("ConfigMap", "distributor-config")["data"]["distributor.toml"])
@@ -481,22 +656,29 @@ def test_k8s_configmap_is_a_valid_distributor_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def selects(selector: dict[str, str], deployment: dict[str, Any]) -> bool:
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
+def selects(selector: dict[str, str], workload: dict[str, Any]) -> bool:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
     return all(labels.get(k) == v for k, v in selector.items())
 
 
 def test_k8s_services_pdb_and_analyzers_line_up() -> None:
     docs = [doc for _, doc in k8s_docs()]
-    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+    deployments = [d for d in workloads if d["kind"] == "Deployment"]
     for service in (d for d in docs if d["kind"] == "Service"):
-        targets = [d for d in deployments if selects(service["spec"]["selector"], d)]
-        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} deployments"
+        targets = [d for d in workloads if selects(service["spec"]["selector"], d)]
+        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} workloads"
         for port in service["spec"]["ports"]:
             port_number(container(targets[0]), port["targetPort"])  # raises if the named port is missing
+    statefulset = find("StatefulSet", "distributor")
+    assert {s["metadata"]["name"] for s in docs if s["kind"] == "Service"
+            and selects(s["spec"]["selector"], statefulset)} == {"distributor", "distributor-admin",
+                                                                  "distributor-headless"}
     pdb = find("PodDisruptionBudget", "distributor")
-    assert selects(pdb["spec"]["selector"]["matchLabels"], find("Deployment", "distributor"))
-    assert find("Deployment", "distributor")["spec"]["replicas"] > pdb["spec"].get("maxUnavailable", 0)
+    assert pdb["spec"]["selector"]["matchLabels"] == statefulset["spec"]["selector"]["matchLabels"]
+    assert [(d["kind"], d["metadata"]["name"]) for d in workloads
+            if selects(pdb["spec"]["selector"]["matchLabels"], d)] == [("StatefulSet", "distributor")]
+    assert statefulset["spec"]["replicas"] > pdb["spec"].get("maxUnavailable", 0)
     # every analyzer of the ConfigMap is a Service in front of an analyzer Deployment
     config = tomllib.loads(find("ConfigMap", "distributor-config")["data"]["distributor.toml"])
     for analyzer in config["analyzers"]:
@@ -604,9 +786,11 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[tuple[LocalCluster, Prometheus]]:
+    """A distributor with the write-ahead log on (as compose and Kubernetes run it), scraped every second."""
     binary = tool("prometheus")
     workdir = Path(tempfile.mkdtemp(prefix="prometheus-test-"))
-    cluster = LocalCluster(analyzers=(("a1", 1.0),), workers=1)
+    cluster = LocalCluster(analyzers=(("a1", 1.0),), workers=1,
+                           distributor_args=["--set", f"wal.dir={workdir / 'wal'}"])
     prometheus: Prometheus | None = None
     with cluster:
         try:
@@ -673,6 +857,53 @@ def test_prometheus_scrapes_distributor_and_evaluates_alerts(live: tuple[LocalCl
     for where, expr in dashboard_exprs() + [(f"alert {name}", e) for name, e in exprs.items()]:
         response = prometheus.query(expr.replace("$__rate_interval", "1m"))
         assert response["status"] == "success", f"{where}: {response.get('error')}"
+
+
+def scraped_names(prometheus: Prometheus) -> set[str]:
+    response = prometheus.get("/api/v1/label/__name__/values", **{"match[]": '{job="distributor"}'})
+    assert response["status"] == "success", response
+    return set(response["data"])
+
+
+def test_wal_metrics_are_exported(live: tuple[LocalCluster, Prometheus]) -> None:
+    """Every distributor_wal_* name the alerts and the dashboard use comes from a real distributor with the WAL on."""
+    _, prometheus = live
+    used = set().union(*(promql_metric_names(expr) for _, expr in dashboard_exprs() + alert_exprs()))
+    wal_used = {name for name in used if name.startswith("distributor_wal_")}
+    assert {"distributor_wal_available", "distributor_wal_bytes", "distributor_wal_max_bytes",
+            "distributor_wal_oldest_unacked_age_seconds", "distributor_wal_replay_remaining_bytes",
+            "distributor_wal_write_errors_total", "distributor_wal_corrupt_records_total",
+            "distributor_wal_set_aside_total", "distributor_wal_fsync_seconds_bucket"} <= wal_used
+    names = poll(lambda: (found := scraped_names(prometheus)) >= {"distributor_wal_available"} and found, 30,
+                 "distributor_wal_* series in Prometheus")
+    missing = wal_used - names
+    assert not missing, f"used in alerts/dashboard but not exported by a distributor with the WAL on: {sorted(missing)}"
+    exported = {name for name in names if name.startswith("distributor_wal_")}
+    assert exported == WAL_METRIC_NAMES, (
+        f"update WAL_* in this file: not exported {sorted(WAL_METRIC_NAMES - exported)}, "
+        f"unknown here {sorted(exported - WAL_METRIC_NAMES)}")
+    assert scalar_values(prometheus.query('distributor_packets_total{outcome="wal_unavailable"}')) == [0.0]
+    # one series per worker slot (workers=1: slot 0), the fsync histogram without labels of its own
+    for name in WAL_GAUGES | {f"{c}_total" for c in WAL_COUNTERS}:
+        series = prometheus.query(name)["data"]["result"]
+        assert [s["metric"].get("worker") for s in series] == ["0"], f"{name}: {series}"
+    assert scalar_values(prometheus.query("distributor_wal_max_bytes")) == [float(1 << 30)]  # wal.max_bytes default
+
+
+def test_wal_healthy_log_is_quiet(live: tuple[LocalCluster, Prometheus]) -> None:
+    """A packet goes through the log and is acknowledged; on a healthy log no WAL alert selects anything."""
+    cluster, prometheus = live
+    appended = "sum(distributor_wal_appended_packets_total)"
+    before = poll(lambda: scalar_values(prometheus.query(appended)), 30, f"{appended} scraped")[0]
+    assert post_packet(cluster, "wal-1") == 202
+    poll(lambda: scalar_values(prometheus.query(appended)) == [before + 1], 30, "the packet appended to the log")
+    # delivered (a 2xx from a1) -> acknowledged -> no longer in the log
+    poll(lambda: scalar_values(prometheus.query("distributor_wal_unacked_packets")) == [0.0], 30,
+         "the packet acknowledged in the log")
+    assert scalar_values(prometheus.query("distributor_wal_available")) == [1.0]
+    for name, expr in alert_exprs():
+        if "distributor_wal_" in expr:
+            assert scalar_values(prometheus.query(expr)) == [], f"{name} selects series on a healthy log"
 
 
 def test_worker_restart_fires_alert(live: tuple[LocalCluster, Prometheus]) -> None:
