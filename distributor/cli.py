@@ -110,6 +110,16 @@ def _check_config(args: argparse.Namespace) -> int:
     _check_state_file(config)  # its directory is not checked: check-config may run on another machine
     names = ", ".join(f"{a.name}={a.url}@{a.weight:g}" for a in config.analyzers)
     print(f"configuration {args.config} is valid: {config.workers} workers, listen {config.listen}, {names}")
+    if config.wal.dir:
+        from distributor.wal.inspect import verify
+
+        problems = verify(config.wal.dir)
+        for problem in problems:
+            print(problem)
+        print(f"write-ahead log {config.wal.dir}: " + (f"{len(problems)} problems (distributor wal inspect "
+                                                        f"{config.wal.dir})" if problems else "clean"))
+        if problems:
+            return 1
     return 0
 
 
@@ -128,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distributor.control.admin_cli import add_admin_flags, run_admin
 
     add_admin_flags(admin)
+    wal = commands.add_parser("wal", help="inspect or verify a write-ahead log directory (read only)")
+    from distributor.control.wal_cli import add_wal_flags, run_wal
+
+    add_wal_flags(wal)
     demo = commands.add_parser("demo", help="4 local analyzers + the distributor + emitter load, live table")
     from distributor.tools.demo import add_demo_flags
 
@@ -152,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_status(args)
         if args.command == "admin":
             return run_admin(args)
+        if args.command == "wal":
+            return run_wal(args)
         from distributor.tools.demo import run_demo
 
         return run_demo(args)

@@ -212,6 +212,25 @@ class AdminConfig:
     allowed_analyzer_networks: tuple[str, ...] = ()  # CIDRs; empty: any address except link-local
 
 
+WAL_SYNC_MODES: tuple[str, ...] = ("none", "interval", "always")
+
+
+@dataclass(frozen=True, slots=True)
+class WalConfig:
+    """The write-ahead log that makes a 202 survive process crashes (empty ``dir``: off).
+
+    ``sync``: ``none`` = written to the OS before the 202 (survives any process crash, not a power
+    loss); ``interval`` = also fsynced at most ``sync_interval`` later; ``always`` = the 202 leaves
+    only after an fsync that covers the packet (group commit: one fsync for every answer pending).
+    """
+
+    dir: str = ""
+    sync: str = "interval"
+    sync_interval: float = 0.2
+    segment_bytes: int = 64 << 20
+    max_bytes: int = 1 << 30  # per worker slot
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Address = Address("0.0.0.0", 8080)
@@ -232,6 +251,7 @@ class Config:
     overload: OverloadConfig = OverloadConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     admin: AdminConfig = AdminConfig()
+    wal: WalConfig = WalConfig()
 
     def validate(self) -> "Config":
         """Return self, or raise ConfigError naming the first bad field."""
@@ -264,6 +284,13 @@ class Config:
             raise ConfigError("health.timeout: must be <= health.interval")
         if self.queue.max_bytes < self.ingest.max_body_bytes:
             raise ConfigError("queue.max_bytes: must be >= ingest.max_body_bytes, or a largest packet never fits")
+        if self.wal.sync not in WAL_SYNC_MODES:
+            raise ConfigError(f"wal.sync: must be one of {', '.join(WAL_SYNC_MODES)}, got {self.wal.sync!r}")
+        if self.wal.dir and self.wal.max_bytes < 2 * self.wal.segment_bytes:
+            raise ConfigError("wal.max_bytes: must be at least 2 x wal.segment_bytes (the active segment and "
+                              "the next one)")
+        if self.wal.dir and self.wal.segment_bytes < self.ingest.max_body_bytes + 64:
+            raise ConfigError("wal.segment_bytes: must hold at least one largest packet (ingest.max_body_bytes)")
         if self.sender.retry_max_backoff < self.sender.retry_initial_backoff:
             raise ConfigError("sender.retry_max_backoff: must be >= sender.retry_initial_backoff")
         if not self.analyzers:
@@ -302,7 +329,7 @@ class Config:
         return data
 
 
-SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit", "admin")
+SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit", "admin", "wal")
 
 
 def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 # header cells
 H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
@@ -121,7 +121,33 @@ HTTP_STAT_CELLS = {
 # ingest handler latency histogram: one cell per upper bound, the last is +Inf
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, float("inf"))
 W_LATENCY_BUCKETS = 23
-WORKER_HEAD_CELLS = W_LATENCY_BUCKETS + len(LATENCY_BUCKETS)
+# the worker's write-ahead log (all zero while it is off)
+(
+    W_WAL_STATE,  # WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE
+    W_WAL_BYTES,
+    W_WAL_SEGMENTS,
+    W_WAL_UNACKED_PACKETS,
+    W_WAL_UNACKED_MESSAGES,
+    W_WAL_OLDEST_MS,  # accepted time (unix ms) of the oldest unacknowledged packet, 0 when none
+    W_WAL_REPLAY_REMAINING_BYTES,
+    W_WAL_UNAVAILABLE_PACKETS,  # answered 503 wal_unavailable (bumped on the hot path)
+    W_WAL_APPENDED,
+    W_WAL_BYTES_WRITTEN,
+    W_WAL_FSYNCS,
+    W_WAL_FSYNC_SUM_NS,
+    W_WAL_REPLAYED,
+    W_WAL_POSSIBLE_DUPLICATES,
+    W_WAL_CORRUPT,
+    W_WAL_TORN_TAILS,
+    W_WAL_DAMAGED_ACKS,
+    W_WAL_WRITE_ERRORS,
+    W_WAL_SET_ASIDE,
+) = range(W_LATENCY_BUCKETS + len(LATENCY_BUCKETS), W_LATENCY_BUCKETS + len(LATENCY_BUCKETS) + 19)
+WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE = range(3)
+# fsync duration histogram: one cell per upper bound, the last is +Inf
+WAL_FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
+W_WAL_FSYNC_BUCKETS = W_WAL_SET_ASIDE + 1
+WORKER_HEAD_CELLS = W_WAL_FSYNC_BUCKETS + len(WAL_FSYNC_BUCKETS)
 # worker states
 W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3
 

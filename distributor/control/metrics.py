@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from distributor.shared_table import WAL_FSYNC_BUCKETS
+
 View = Callable[[], list[dict[str, Any]]]
 
 MESSAGE_OUTCOMES = {
@@ -28,8 +30,40 @@ PACKET_OUTCOMES = {
     "unavailable": "rejected_unavailable",
     "shed": "shed_packets",
     "rate_limited": "rate_limited_packets",
+    "wal_unavailable": "wal_unavailable_packets",
+}
+WAL_GAUGES = {
+    "bytes": "Bytes of segment files held (adopted slots included)",
+    "max_bytes": "wal.max_bytes: above it new packets get 503 wal_unavailable until acks free segments",
+    "segments": "Segment files held",
+    "unacked_packets": "Packets in the log not yet delivered or dropped with a counted reason",
+    "unacked_messages": "Messages in the log not yet delivered or dropped with a counted reason",
+    "oldest_unacked_age_seconds": "Age of the oldest unacknowledged packet",
+    "replay_remaining_bytes": "Segment bytes replay has not read yet",
+    "available": "1 while the log takes packets (0: new packets get 503 wal_unavailable)",
+}
+WAL_COUNTERS = {
+    "replayed_packets": "Packets replayed from the log after a restart",
+    "possible_duplicates": "Replayed packets that may have reached an analyzer before the crash",
+    "corrupt_records": "Records lost to damage (failed checksums, gaps)",
+    "torn_tails": "Segments cut back to their last whole record (a crash mid-write)",
+    "damaged_acks": "Acknowledgement sidecars with unreadable parts (their packets replay as duplicates)",
+    "write_errors": "Failed writes and fsyncs",
+    "set_aside": "Damaged segment files renamed for the operator",
+    "appended_packets": "Packets written to the log",
+    "bytes_written": "Segment bytes written",
+    "fsyncs": "fsync rounds",
 }
 ANALYZER_STATES = ("active", "warming", "saturated", "down", "ejected", "draining", "drained", "removed")
+
+
+def cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts (the last bound +Inf) as Prometheus' cumulative (le, count) pairs."""
+    buckets, running = [], 0
+    for bound, count in zip(bounds, counts):
+        running += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return buckets
 
 
 class TableCollector(Collector):
@@ -52,6 +86,28 @@ class TableCollector(Collector):
         self._memory_limit = memory_limit
         self._latency = latency
         self._admin_changes = admin_changes
+
+    @staticmethod
+    def _wal_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per worker write-ahead log figures; nothing when the log is off."""
+        logs = [(str(w["slot"]), w["wal"]) for w in workers if "wal" in w]
+        if not logs:
+            return
+        for name, help_text in WAL_GAUGES.items():
+            family = GaugeMetricFamily(f"distributor_wal_{name}", help_text, labels=["worker"])
+            key = "oldest_unacked_age_s" if name == "oldest_unacked_age_seconds" else name
+            for slot, wal in logs:
+                family.add_metric([slot], float(wal[key]))
+            yield family
+        for name, help_text in WAL_COUNTERS.items():
+            counter = CounterMetricFamily(f"distributor_wal_{name}", help_text, labels=["worker"])
+            for slot, wal in logs:
+                counter.add_metric([slot], wal[name])
+            yield counter
+        fsync = HistogramMetricFamily("distributor_wal_fsync_seconds", "Duration of the log's fsync rounds")
+        counts = [sum(wal["fsync_buckets"][i] for _, wal in logs) for i in range(len(WAL_FSYNC_BUCKETS))]
+        fsync.add_metric([], cumulative(WAL_FSYNC_BUCKETS, counts), sum(wal["fsync_seconds_sum"] for _, wal in logs))
+        yield fsync
 
     def collect(self) -> Iterator[Metric]:
         analyzers = self._analyzers()
@@ -143,6 +199,7 @@ class TableCollector(Collector):
         for event in workers[0]["http"] if workers else ():
             http.add_metric([event], sum(w["http"][event] for w in workers))
         yield from (memory, cpu, lag, connections, http)
+        yield from self._wal_families(workers)
         restarts = CounterMetricFamily("distributor_worker_restarts", "Worker processes respawned")
         restarts.add_metric([], self._restarts())
         yield restarts

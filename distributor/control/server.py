@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from distributor.control.admin_api import AdminApi
-from distributor.control.metrics import TableCollector
+from distributor.control.metrics import TableCollector, cumulative
 from distributor.shared_table import (
     C_NET_ROUTED_MESSAGES,
     HTTP_STAT_CELLS,
@@ -42,7 +42,22 @@ from distributor.shared_table import (
     W_STARTED,
     W_STATE,
     W_STOPPING,
+    W_WAL_BYTES,
+    W_WAL_FSYNC_BUCKETS,
+    W_WAL_FSYNC_SUM_NS,
+    W_WAL_OLDEST_MS,
+    W_WAL_REPLAY_REMAINING_BYTES,
+    W_WAL_SEGMENTS,
+    W_WAL_STATE,
+    W_WAL_UNACKED_MESSAGES,
+    W_WAL_UNACKED_PACKETS,
+    W_WAL_UNAVAILABLE_PACKETS,
+    WAL_AVAILABLE,
+    WAL_FSYNC_BUCKETS,
+    WAL_OFF,
+    SharedTable,
 )
+from distributor.wal.export import COUNTER_CELLS as WAL_COUNTER_CELLS
 
 if TYPE_CHECKING:
     from distributor.supervisor import Supervisor
@@ -143,12 +158,33 @@ def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[
             "queued_bytes": table.ints[base + W_QUEUED_BYTES],
             "analyzer_generation": table.ints[base + W_GENERATION],
             "http": {name: table.ints[base + cell] for name, cell in HTTP_STAT_CELLS.items()},
+            "wal_unavailable_packets": table.ints[base + W_WAL_UNAVAILABLE_PACKETS],
         }
+        if table.ints[base + W_WAL_STATE] != WAL_OFF:
+            entry["wal"] = {**wal_view(table, base), "max_bytes": supervisor.config.wal.max_bytes}
         if alive and state in (W_READY, W_STOPPING):
             entry.update(sampler.sample(pid))
         entry["cpu_seconds"] = handle.cpu_base + entry.get("cpu_seconds", 0.0)  # a slot's CPU never goes back
         view.append(entry)
     return view
+
+
+def wal_view(table: SharedTable, base: int) -> dict[str, Any]:
+    """A worker's write-ahead log from its row: gauges, counters and the fsync histogram (per bucket)."""
+    ints = table.ints
+    oldest_ms = ints[base + W_WAL_OLDEST_MS]
+    return {
+        "available": ints[base + W_WAL_STATE] == WAL_AVAILABLE,
+        "bytes": ints[base + W_WAL_BYTES],
+        "segments": ints[base + W_WAL_SEGMENTS],
+        "unacked_packets": ints[base + W_WAL_UNACKED_PACKETS],
+        "unacked_messages": ints[base + W_WAL_UNACKED_MESSAGES],
+        "oldest_unacked_age_s": max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0,
+        "replay_remaining_bytes": ints[base + W_WAL_REPLAY_REMAINING_BYTES],
+        **{name: ints[base + cell] for name, cell in WAL_COUNTER_CELLS.items()},
+        "fsync_seconds_sum": ints[base + W_WAL_FSYNC_SUM_NS] / 1e9,
+        "fsync_buckets": [ints[base + W_WAL_FSYNC_BUCKETS + i] for i in range(len(WAL_FSYNC_BUCKETS))],
+    }
 
 
 def latency_histogram(supervisor: "Supervisor") -> tuple[list[tuple[str, int]], float]:
@@ -161,11 +197,7 @@ def latency_histogram(supervisor: "Supervisor") -> tuple[list[tuple[str, int]], 
         total_ns += table.ints[base + W_LATENCY_SUM_NS]
         for i in range(len(LATENCY_BUCKETS)):
             counts[i] += table.ints[base + W_LATENCY_BUCKETS + i]
-    buckets, running = [], 0
-    for bound, count in zip(LATENCY_BUCKETS, counts):
-        running += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-    return buckets, total_ns / 1e9
+    return cumulative(LATENCY_BUCKETS, counts), total_ns / 1e9
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -14,7 +14,8 @@ from typing import Protocol
 
 from distributor.shared_table import C_QUEUE_BYTES, C_QUEUE_MESSAGES, C_QUEUE_PACKETS
 
-Packet = tuple[bytes, int]  # (raw bytes as received, message count)
+Packet = tuple[bytes, int, int]  # (raw bytes as received, message count, WAL ref or NO_REF)
+NO_REF = -1  # not in the write-ahead log (the log is off, or its write failed)
 
 
 class Counters(Protocol):
@@ -55,8 +56,8 @@ class PacketQueue:
     def has_room(self, size: int) -> bool:
         return self.available and self.packets < self.max_packets and self.bytes + size <= self.max_bytes
 
-    def put(self, raw: bytes, messages: int) -> None:
-        self.items.append((raw, messages))
+    def put(self, raw: bytes, messages: int, ref: int) -> None:
+        self.items.append((raw, messages, ref))
         self._account(1, len(raw), messages)
 
     def take(self, max_packets: int, max_bytes: int) -> list[Packet]:
@@ -71,12 +72,12 @@ class PacketQueue:
         return batch
 
     def release(self, batch: list[Packet]) -> None:
-        self._account(-len(batch), -sum(len(raw) for raw, _ in batch), -sum(n for _, n in batch))
+        self._account(-len(batch), -byte_count(batch), -message_count(batch))
 
     def shrink(self, batch: list[Packet], kept: list[Packet]) -> None:
         """Take off the books the part of an in-flight ``batch`` that is not in ``kept`` (it failed over)."""
-        self._account(len(kept) - len(batch), sum(len(raw) for raw, _ in kept) - sum(len(raw) for raw, _ in batch),
-                      sum(n for _, n in kept) - sum(n for _, n in batch))
+        self._account(len(kept) - len(batch), byte_count(kept) - byte_count(batch),
+                      message_count(kept) - message_count(batch))
 
     def requeue(self, packets: list[Packet]) -> None:
         """Move in-flight packets back to the head of the queue (they stay on the books)."""
@@ -92,7 +93,7 @@ class PacketQueue:
     def put_back(self, packets: list[Packet]) -> None:
         """Return packets to the head of the queue, in order (nothing else could take them)."""
         self.items.extendleft(reversed(packets))
-        self._account(len(packets), sum(len(raw) for raw, _ in packets), sum(n for _, n in packets))
+        self._account(len(packets), byte_count(packets), message_count(packets))
 
     def discard_all(self) -> None:
         """Forget every queued and in-flight packet (after the caller counted them as dropped)."""
@@ -108,3 +109,11 @@ class PacketQueue:
         counters[cell + C_QUEUE_PACKETS] = self.packets
         counters[cell + C_QUEUE_BYTES] = self.bytes
         counters[cell + C_QUEUE_MESSAGES] = self.messages
+
+
+def byte_count(packets: list[Packet]) -> int:
+    return sum(len(packet[0]) for packet in packets)
+
+
+def message_count(packets: list[Packet]) -> int:
+    return sum(packet[1] for packet in packets)

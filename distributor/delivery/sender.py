@@ -3,7 +3,10 @@
 Each worker owns one ``PacketQueue`` and one ``AnalyzerSender`` per analyzer.
 Senders post batches of whole packets over keep-alive connections; a batch is only taken off
 the books when the analyzer answered 2xx (delivered), rejected it with a 4xx
-(counted as rejected), or the shutdown deadline passed (counted as dropped).
+(counted as rejected), or the shutdown deadline passed (counted as dropped, or
+left in the write-ahead log for the next start). With the log on, a packet is
+marked as attempted before its first post and acknowledged in the log once it
+is delivered or rejected.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Protocol
 import aiohttp
 
 from distributor.config import OutlierConfig, SenderConfig
-from distributor.delivery.queue import Counters, Packet, PacketQueue
+from distributor.delivery.queue import NO_REF, Counters, Packet, PacketQueue, byte_count, message_count
 from distributor.logs import RateLimitedLog
+from distributor.wal.log import WorkerLog
 from distributor.shared_table import (
     C_DELIVERED_MESSAGES,
     C_DELIVERED_PACKETS,
@@ -68,6 +72,7 @@ class AnalyzerSender:
         counters: Counters,
         cell: int,
         host: FailoverHost,
+        wal: WorkerLog | None = None,
     ) -> None:
         self.slot = slot
         self.name = name
@@ -80,6 +85,8 @@ class AnalyzerSender:
         self._counters = counters
         self._cell = cell
         self._host = host
+        self._wal = wal
+        self._abandoned: list[Packet] = []  # in flight when the shutdown deadline cancelled their batch
         self._wakeup = asyncio.Event()
         self._batch_full = asyncio.Event()
         self._idle = asyncio.Event()
@@ -166,16 +173,23 @@ class AnalyzerSender:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.queue.available = False
-        dropped = self.queue.packets
+        left = [*self.queue.items, *self._abandoned]
+        kept = sum(1 for packet in left if packet[2] != NO_REF)  # in the write-ahead log: replayed at next start
+        if kept:
+            log.warning("analyzer %s: %d packets not delivered by the shutdown deadline stay in the write-ahead "
+                        "log for the next start", self.name, kept,
+                        extra={"event": "left_in_wal", "analyzer": self.name, "packets": kept})
+        dropped = [packet for packet in left if packet[2] == NO_REF]
         if dropped:
-            messages = self.queue.messages
-            self._counters[self._cell + C_SHUTDOWN_DROPPED_PACKETS] += dropped
+            messages = message_count(dropped)
+            self._counters[self._cell + C_SHUTDOWN_DROPPED_PACKETS] += len(dropped)
             self._counters[self._cell + C_SHUTDOWN_DROPPED_MESSAGES] += messages
             log.error("analyzer %s: %d packets (%d messages) not delivered by the shutdown deadline",
-                      self.name, dropped, messages, extra={"event": "dropped_shutdown", "analyzer": self.name,
-                                                           "packets": dropped, "messages": messages})
-            self.queue.discard_all()
-        return dropped
+                      self.name, len(dropped), messages,
+                      extra={"event": "dropped_shutdown", "analyzer": self.name, "packets": len(dropped),
+                             "messages": messages})
+        self.queue.discard_all()
+        return len(dropped)
 
     async def _dispatch(self) -> None:
         """Take batches off the queue and ship each in its own task, at most ``max_inflight`` at once.
@@ -219,9 +233,12 @@ class AnalyzerSender:
             timer.cancel()
 
     async def _ship(self, batch: list[Packet]) -> None:
-        """Deliver one batch; cancelled at the shutdown deadline, it stays on the books as dropped."""
+        """Deliver one batch; cancelled at the shutdown deadline, it stays on the books (dropped or kept in the log)."""
         try:
             await self._deliver(batch)
+        except asyncio.CancelledError:
+            self._abandoned.extend(batch)
+            raise
         finally:
             self._inflight -= 1
             self._slots.release()
@@ -229,25 +246,36 @@ class AnalyzerSender:
         if self._inflight == 0 and not self.queue.items:
             self._idle.set()
 
+    def _leave_log(self, batch: list[Packet]) -> None:
+        """Delivered or rejected (a counted outcome): the packets leave the write-ahead log."""
+        wal = self._wal
+        if wal is not None:
+            for packet in batch:
+                wal.ack(packet[2])
+
     async def _deliver(self, batch: list[Packet]) -> None:
         """Send until delivered, rejected, or failed over; retries back off with jitter."""
         backoff = self._config.retry_initial_backoff
         counters, cell = self._counters, self._cell
         self._retry_tokens = min(RETRY_BUDGET_CAP, self._retry_tokens + self._outlier.retry_budget)
+        if self._wal is not None:  # on disk before it is on the wire: a replay then knows it may be a duplicate
+            await self._wal.attempted([packet[2] for packet in batch])
         while True:
             status, retry_after, ambiguous = await self._attempt(batch)
             aborted = status == ABORTED
             if 200 <= status < 300:
                 self.consecutive_failures = 0
                 counters[cell + C_DELIVERED_PACKETS] += len(batch)
-                counters[cell + C_DELIVERED_MESSAGES] += sum(n for _, n in batch)
-                self.queue.totals.delivered_bytes += sum(len(raw) for raw, _ in batch)
+                counters[cell + C_DELIVERED_MESSAGES] += message_count(batch)
+                self.queue.totals.delivered_bytes += byte_count(batch)
+                self._leave_log(batch)
                 return
             if 400 <= status < 500 and status not in (408, 429):
                 self.consecutive_failures = 0
                 counters[cell + C_REJECTED_PACKETS] += len(batch)
-                counters[cell + C_REJECTED_MESSAGES] += sum(n for _, n in batch)
+                counters[cell + C_REJECTED_MESSAGES] += message_count(batch)
                 self._log.error(f"rejected {len(batch)} packets with HTTP {status}", event="rejected")
+                self._leave_log(batch)
                 return
             if not aborted:  # we gave it up ourselves: no evidence against the analyzer
                 counters[cell + C_FAILED_ATTEMPTS] += 1
@@ -291,7 +319,7 @@ class AnalyzerSender:
         """(status or 0, Retry-After, whether the analyzer may have taken it despite the failure)."""
         if self.mode == "batch":
             url = self.url + "/ingest/batch"
-            body = b"\n".join(raw if b"\n" not in raw else raw.replace(b"\n", b" ") for raw, _ in batch)
+            body = b"\n".join(raw if b"\n" not in raw else raw.replace(b"\n", b" ") for raw, _, _ in batch)
             headers = {"Content-Type": "application/x-ndjson", "X-Packet-Count": str(len(batch))}
         else:
             url = self.url + "/ingest"

@@ -5,6 +5,10 @@ response object. Here a request costs one ``Request`` plus one bytes object for 
 answer, the handler is synchronous (pipelined answers stay in order for free) and
 timeouts are deadline floats checked by one sweeper task per server, not timers.
 
+An answer may also be given later (``Request.defer``): the write-ahead log answers 202 only
+once the packet is durable. The connection then keeps the answers of later pipelined
+requests behind it, in order, and writes whatever is ready in one call.
+
 Deadlines are never early: they are set from a fresh ``time.monotonic()`` (one read per
 parser feed, not per callback) and the sweeper compares them with a fresh read. While the
 server holds answers the client has not read yet, the client's own clocks (head, body while
@@ -19,6 +23,7 @@ import math
 import socket
 import time
 import typing
+from collections import deque
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -28,7 +33,7 @@ from typing import NamedTuple
 import httptools
 import orjson
 
-__all__ = ["HttpApp", "HttpLimits", "HttpServer", "HttpStats", "Request", "Response", "json_error"]
+__all__ = ["HttpApp", "HttpLimits", "HttpServer", "HttpStats", "Pending", "Request", "Response", "json_error"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,29 @@ class Request:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     http_version: str
+    _conn: "_Conn"
+
+    def defer(self) -> "Pending":
+        """Answer later: return the Pending from ``handle`` and call ``Pending.answer`` once (from the loop)."""
+        return self._conn._defer()
+
+
+class Pending:
+    """An answer still to come; the answers of later requests on the connection wait behind it."""
+
+    __slots__ = ("_conn", "_data", "_close")
+
+    def __init__(self, conn: "_Conn", data: bytes | None, close: bool) -> None:
+        self._conn = conn
+        self._data = data  # the rendered answer; None until ``answer``
+        self._close = close  # the connection closes after this answer
+
+    def answer(self, response: "Response") -> None:
+        conn = self._conn
+        if self._data is not None or conn._t is None:
+            return  # answered already, or the client is gone
+        self._data = conn._render(response, not self._close)
+        conn._drain_outbox()
 
 
 class Response(NamedTuple):
@@ -91,8 +119,8 @@ class HttpApp(typing.Protocol):
     def preflight(self, method: bytes, path: bytes, content_length: int | None) -> Response | None:
         """Called once headers are complete. Non-None rejects the request before its body is read (404/405/413...)."""
 
-    def handle(self, request: Request) -> Response:
-        """Synchronous: called with the complete request; its answer is written at once (so pipelined answers stay in order)."""
+    def handle(self, request: Request) -> "Response | Pending":
+        """Synchronous: the answer is written at once, or later through ``request.defer()`` (in order either way)."""
 
 
 @dataclass
@@ -147,7 +175,7 @@ class _Conn(asyncio.Protocol):
         "_url", "_headers", "_body", "_parts", "_body_len", "_head_len", "_head_raw", "_clen",
         "_chunked", "_expect", "_hosts", "_method", "_path", "_query", "_version", "_keep",
         "_rejected", "_paused", "_pending", "_eof", "_counted", "_chunk_mark", "_held", "_check_at", "_unsent",
-        "_read_by",
+        "_read_by", "_outbox",
     )  # fmt: skip
 
     def __init__(self, srv: HttpServer) -> None:
@@ -179,6 +207,7 @@ class _Conn(asyncio.Protocol):
         self._check_at = -_INF
         self._unsent = 0
         self._read_by = _INF
+        self._outbox: deque[Pending] | None = None  # answers waiting behind a deferred one, oldest first
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -208,6 +237,7 @@ class _Conn(asyncio.Protocol):
         self._t = None
         self._parser = None  # break the parser <-> protocol reference cycle
         self._pending = None
+        self._outbox = None
         if srv._closing and not srv._conns:
             srv._empty.set()
 
@@ -386,7 +416,7 @@ class _Conn(asyncio.Protocol):
                 self._stop(rejected)  # never read a body we refuse; close instead
             self._rejected = rejected  # nothing to skip: answer at message end, keep the connection
         elif self._expect and has_body and self._version == "1.1":
-            self._t.write(_CONTINUE)  # type: ignore[union-attr]
+            self._emit(_CONTINUE, False)  # behind any answer still to come
         self._state = _BODY
         self.deadline = _RESTART
 
@@ -419,7 +449,7 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._stats.requests += 1
-        response = self._rejected
+        response: Response | Pending | None = self._rejected
         if response is None:
             parts = self._parts
             if parts is None:
@@ -427,7 +457,7 @@ class _Conn(asyncio.Protocol):
             else:
                 body = b"".join(parts)
                 self._parts = None  # an idle connection keeps no body pieces
-            request = Request(self._method, self._path, self._query, self._headers, body, self._version)
+            request = Request(self._method, self._path, self._query, self._headers, body, self._version, self)
             try:
                 response = self._app.handle(request)
             except Exception:
@@ -435,7 +465,18 @@ class _Conn(asyncio.Protocol):
                 response = _ERR_500
                 self._keep = False
         srv = self._srv
-        if self._keep and not srv._closing:
+        keep = self._keep and not srv._closing
+        if isinstance(response, Pending):  # the app answers later; its Pending already holds the place
+            if keep:
+                self._state = _IDLE
+                self.deadline = _RESTART
+                return
+            response._close = True  # the request asked to close: nothing after it is read
+            self._state = _CLOSING
+            self.deadline = _INF
+            raise _Stop
+        assert response is not None
+        if keep:
             self._write(response, True)
             self._state = _IDLE
             self.deadline = _RESTART
@@ -444,7 +485,7 @@ class _Conn(asyncio.Protocol):
 
     # ---- writing and closing -------------------------------------------------------------
 
-    def _write(self, response: Response, keep: bool) -> None:
+    def _render(self, response: Response, keep: bool) -> bytes:
         status, body, extra, ctype = response
         if not keep:
             conn = _CONN_CLOSE
@@ -462,12 +503,61 @@ class _Conn(asyncio.Protocol):
             data = data[: len(data) - len(body)]
             if status in _NO_BODY_STATUS:
                 data = data.replace(b"content-length: %d\r\n" % len(body), b"", 1)
-        self._t.write(data)  # type: ignore[union-attr]
         by_status = self._stats.responses_by_status
         try:
             by_status[status] += 1
         except KeyError:
             by_status[status] = 1
+        return data
+
+    def _write(self, response: Response, keep: bool) -> None:
+        data = self._render(response, keep)
+        if self._outbox:
+            self._outbox.append(Pending(self, data, False))
+        else:
+            self._t.write(data)  # type: ignore[union-attr]
+
+    def _emit(self, data: bytes, close: bool) -> None:
+        """Write now, or queue behind a deferred answer; ``close``: half-close and linger after it."""
+        if self._outbox:
+            self._outbox.append(Pending(self, data, close))
+            if close:
+                self._state = _CLOSING
+                self.deadline = _INF  # the linger starts once the queue is written
+            return
+        self._t.write(data)  # type: ignore[union-attr]
+        if close:
+            self._linger()
+
+    def _defer(self) -> Pending:
+        pending = Pending(self, None, False)
+        if self._outbox is None:
+            self._outbox = deque()
+        self._outbox.append(pending)
+        return pending
+
+    def _drain_outbox(self) -> None:
+        """Write every answer that is ready at the head of the queue, in one call; close if one says so."""
+        outbox = self._outbox
+        t = self._t
+        if outbox is None or t is None:
+            return
+        ready: list[bytes] = []
+        close = False
+        while outbox and outbox[0]._data is not None:
+            item = outbox.popleft()
+            ready.append(item._data)  # type: ignore[arg-type]
+            if item._close:
+                close = True
+                outbox.clear()
+                break
+        if not outbox:
+            self._outbox = None
+        if ready:
+            t.write(ready[0] if len(ready) == 1 else b"".join(ready))
+        if close:
+            self._state = _IDLE  # lets _linger run
+            self._linger()
 
     def _stop(self, response: Response) -> typing.NoReturn:
         """Answer, close, and abort the parser (callbacks only)."""
@@ -475,15 +565,14 @@ class _Conn(asyncio.Protocol):
         raise _Stop
 
     def _fail(self, response: Response) -> None:
-        """Write a final answer with Connection: close, then half-close and linger."""
+        """Write a final answer with Connection: close (after any still to come), then half-close and linger."""
         if self._state == _CLOSING or self._t is None:
             return
         if self._state == _HEAD and not self._method and self._url:
             # head incomplete but its method parsed (before on_url the parser holds a stale one):
             # an answer to HEAD carries no body
             self._method = typing.cast(httptools.HttpRequestParser, self._parser).get_method()
-        self._write(response, False)
-        self._linger()
+        self._emit(self._render(response, False), True)
 
     def _linger(self) -> None:
         # Closing with unread input makes the kernel send RST, which can destroy our answer
@@ -527,6 +616,9 @@ class _Conn(asyncio.Protocol):
         if t is None:
             self.deadline = _INF
             return
+        if self._outbox:  # we owe the client an answer: its clocks wait for us
+            self.deadline = now + self._srv.tick
+            return
         state, stats = self._state, self._stats
         unsent = t.get_write_buffer_size()
         waiting = self.deadline == self._check_at
@@ -563,7 +655,7 @@ class _Conn(asyncio.Protocol):
 
     def _on_shutdown(self) -> None:
         """Idle connections go at once; one mid-request gets its answer with Connection: close."""
-        if self._state in (_IDLE, _FRESH) and self._pending is None:
+        if self._state in (_IDLE, _FRESH) and self._pending is None and not self._outbox:
             self._close_now()
 
     def _absolute_path(self, url: bytes) -> bytes:

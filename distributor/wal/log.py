@@ -79,6 +79,7 @@ class WorkerLog:
         self._handles = self._rotation.handles
         self._closed = False
         # this loop turn
+        self.turns = 0  # numbers the turns: appends with the same number share one write (and callbacks)
         self._flush_handle: asyncio.Handle | None = None
         self._buf = bytearray()  # records for the active segment, written at the end of the turn
         self._turn_first = 0
@@ -303,6 +304,7 @@ class WorkerLog:
     # --- the turn's write ----------------------------------------------------------------------
 
     def _begin_turn(self) -> None:
+        self.turns += 1
         self._flush_handle = self._loop.call_soon(self._flush)
         self._turn_ms = time.time_ns() // 1_000_000
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+from distributor.shared_table import WAL_FSYNC_BUCKETS
+
+FSYNC_BUCKETS = WAL_FSYNC_BUCKETS[:-1]  # the shared table's buckets, without the +Inf bound
 
 
 class Histogram:

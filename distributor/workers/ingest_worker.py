@@ -25,8 +25,11 @@ import uvloop
 from distributor.config import Config, from_dict
 from distributor.ingest.http11 import HttpLimits, HttpServer, HttpStats
 from distributor.ingest.listener import bind_reuseport
+from distributor.ingest.recovery import Replay, open_log
 from distributor.ingest.app import IngestApp
 from distributor.logs import setup_logging
+from distributor.wal.export import WalExport
+from distributor.wal.log import WorkerLog
 from distributor.delivery.routing import NO_ANALYZER, Router
 from distributor.delivery.queue import Packet, PacketQueue
 from distributor.delivery.sender import AnalyzerSender
@@ -81,20 +84,34 @@ class IngestWorker:
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()  # a second SIGTERM: the drain ends now
         self.session: aiohttp.ClientSession | None = None
+        self.wal: WorkerLog | None = None
+        self.wal_export: WalExport | None = None
 
     def account_lost_predecessor(self) -> None:
-        """Packets left in this slot's queues by a worker that died are counted as lost, not forgotten."""
+        """Packets left in this slot's queues by a worker that died are counted as lost, not forgotten.
+
+        With the write-ahead log on they are not lost: replay delivers them (what the log could not
+        take was answered 503, never 202).
+        """
+        left_packets = left_messages = 0
         for analyzer in range(self.table.max_analyzers):
             cell = self.table.counter_index(self.slot, analyzer, 0)
-            packets = self.ints[cell + C_QUEUE_PACKETS]
-            if packets:
-                messages = self.ints[cell + C_QUEUE_MESSAGES]
+            packets, messages = self.ints[cell + C_QUEUE_PACKETS], self.ints[cell + C_QUEUE_MESSAGES]
+            left_packets += packets
+            left_messages += messages
+            if packets and self.wal is None:
                 self.ints[cell + C_LOST_PACKETS] += packets
                 self.ints[cell + C_LOST_MESSAGES] += messages
-                log.error("worker %d: %d packets (%d messages) were lost with the previous worker",
-                          self.slot, packets, messages)
             for queue_cell in (C_QUEUE_PACKETS, C_QUEUE_BYTES, C_QUEUE_MESSAGES):
                 self.ints[cell + queue_cell] = 0
+        if not left_packets:
+            return
+        if self.wal is None:
+            log.error("worker %d: %d packets (%d messages) were lost with the previous worker",
+                      self.slot, left_packets, left_messages, extra={"event": "lost_worker_crash"})
+        else:
+            log.warning("worker %d: the previous worker left %d packets (%d messages) queued; the write-ahead "
+                        "log replays them", self.slot, left_packets, left_messages, extra={"event": "wal_inherited"})
 
     def apply_analyzers(self) -> None:
         """Adopt the table's analyzer set, states and epoch.
@@ -127,7 +144,7 @@ class IngestWorker:
                                     app.totals)
                 created = AnalyzerSender(
                     slot, row.name, row.url, row.mode, queue, self.config.sender, self.config.outlier,
-                    self.session, self.ints, cell, self,
+                    self.session, self.ints, cell, self, self.wal,
                 )
                 created.start()
                 app.queues[slot] = queue
@@ -170,15 +187,16 @@ class IngestWorker:
         queues = app.queues
         source = self.table.counter_index(self.slot, slot, 0)
         leftover: list[Packet] = []
-        for raw, messages in packets:
+        for packet in packets:
+            raw, messages, ref = packet
             size = len(raw)
             target = self.router.choose(
                 messages, lambda s: s != slot and queues[s].has_room(size)  # type: ignore[union-attr]
             )
             if target == NO_ANALYZER:
-                leftover.append((raw, messages))
+                leftover.append(packet)
                 continue
-            app.enqueue(target, raw, messages)
+            app.enqueue(target, raw, messages, ref)
             ints[source + C_NET_ROUTED_MESSAGES] -= messages
             ints[source + C_FAILOVER_PACKETS] += 1
             ints[source + C_FAILOVER_MESSAGES] += messages
@@ -221,12 +239,16 @@ class IngestWorker:
             rate = (delivered - delivered_before) / HEARTBEAT_INTERVAL
             self.app.drain_rate = rate if self.app.drain_rate == 0 else 0.7 * self.app.drain_rate + 0.3 * rate
             delivered_before = delivered
+            if self.wal_export is not None:
+                self.wal_export.publish()
             if self.table.generation != self.router.generation:
                 self.apply_analyzers()
             self.fail_over_unavailable()  # other analyzers may have room now
             if os.getppid() != self.parent and not self.stop.is_set():
                 log.error("worker %d: supervisor is gone; shutting down", self.slot)
                 self.stop.set()
+                if self.wal is not None:
+                    self.hurry.set()  # what is queued is in the log: the next start delivers it, no drain needed
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -236,6 +258,11 @@ class IngestWorker:
         ints[row + W_STATE] = W_BOOTING
         floats[row + W_STARTED] = time.time()
         floats[row + W_HEARTBEAT] = time.monotonic()
+        if self.config.wal.dir:
+            self.wal = await open_log(self.config.wal, self.slot, self.table.max_workers)
+            self.wal_export = WalExport(self.table, self.slot, self.wal)
+            self.wal_export.publish()
+            self.app.wal = self.wal
         self.account_lost_predecessor()
         sender_config = self.config.sender
         self.session = aiohttp.ClientSession(
@@ -265,12 +292,20 @@ class IngestWorker:
         await server.start(sock)
         ints[row + W_STATE] = W_READY
         heartbeat = asyncio.create_task(self.heartbeat())
+        replay = None
+        if self.wal is not None:
+            replay = asyncio.create_task(Replay(self.wal, self.app, self.config.queue.worker_max_bytes).run())
         await self.stop.wait()
         ints[row + W_STATE] = W_STOPPING
+        if replay is not None:
+            replay.cancel()  # what it did not hand out stays in the log for the next start
         deadline = loop.time() + self.config.graceful_timeout
         await self._unless_hurried(server.shutdown(timeout=self.config.graceful_timeout / 2))
         senders = [s for s in self.app.senders if s is not None]
         await asyncio.gather(*(s.drain(max(0.0, deadline - loop.time()), self.hurry) for s in senders))
+        if self.wal is not None:
+            await self.wal.close()
+            self.wal_export.publish()  # type: ignore[union-attr]
         heartbeat.cancel()
         await self.session.close()
         return 0
