@@ -9,6 +9,7 @@ within a second (like ``tests/chaos/chaos_support.FAST``); every wait polls with
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
@@ -513,8 +514,6 @@ def test_slots_are_reused_and_a_reused_slot_starts_at_zero(make_cluster: Factory
     assert all(view(cluster)[n]["state"] != "removed" for n in ("a1", "a2", "last"))
 
 
-@pytest.mark.xfail(strict=True, reason="defect: distributor_analyzer_ejections_total of a removed analyzer drops to 0 "
-                                      "(its row stays exported; the health that held the count is gone)")
 def test_ejection_counter_series_never_decrease_across_removal_and_readd(make_cluster: Factory) -> None:
     cluster = make_cluster(analyzers=(("a1", 1.0), ("a2", 1.0)), workers=1, distributor_args=settings(LONG_EJECTION))
     a2 = cluster.analyzer("a2")
@@ -529,3 +528,32 @@ def test_ejection_counter_series_never_decrease_across_removal_and_readd(make_cl
     readded = counter_samples(cluster)
     assert_monotonic(ejected, removed)
     assert_monotonic(removed, readded)
+
+
+def test_name_back_before_its_old_slot_is_free_has_one_row_and_continues_its_counters(make_cluster: Factory) -> None:
+    """A worker that has not applied the removal yet keeps the old slot busy: the name gets another slot.
+
+    It must still show as one analyzer whose counters go on (no duplicate series, no reset).
+    """
+    cluster = make_cluster(analyzers=(("a1", 1.0), ("a2", 1.0)), workers=2, distributor_args=settings())
+    a2 = cluster.analyzer("a2")
+    send(cluster, 100, "before")
+    cluster.wait_drained()
+    before = counter_samples(cluster)
+    laggard = worker_pids(cluster)[1]
+    os.kill(laggard, signal.SIGSTOP)  # its applied generation stays old: a2's slot cannot be reused
+    try:
+        assert call(cluster, "DELETE", "/admin/analyzers/a2")[0] == 202
+        wait_until(lambda: gone(cluster, "a2"), 20, "a2 removed")
+        assert call(cluster, "POST", "/admin/analyzers", {"name": "a2", "url": a2.url, "weight": 1.0})[0] == 201
+        named = [r for r in rows(cluster) if r["name"] == "a2"]
+        assert len(named) == 1 and named[0]["state"] != "removed", named
+        back = counter_samples(cluster)
+    finally:
+        os.kill(laggard, signal.SIGCONT)
+    assert_monotonic(before, back)
+    key = ("distributor_messages_total", (("analyzer", "a2"), ("outcome", "routed")))
+    assert back[key] == before[key] > 0
+    send(cluster, 100, "after")
+    cluster.wait_drained()
+    assert_monotonic(back, counter_samples(cluster))

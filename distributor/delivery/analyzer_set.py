@@ -73,6 +73,7 @@ class AnalyzerSet:
         self.slots = SlotAllocator(table)
         self.definitions: dict[str, AnalyzerConfig] = {}
         self.health: dict[str, AnalyzerHealth] = {}
+        self.retired: dict[str, AnalyzerHealth] = {}  # removed names: their counts live on
         self.removing: set[str] = set()
         self.state = AdminState()
         self._published: dict[int, Target] = {}
@@ -102,16 +103,21 @@ class AnalyzerSet:
                            and self.definitions[n].weight != a.weight}
         for name in list(self.health):
             if name not in definitions:
-                del self.health[name]
+                self._retire(name)
         reports = self.table.global_counters(C_EJECTION_REPORTS)
         for name, analyzer in definitions.items():
             slot = plan[name]
             health = self.health.get(name)
             if health is None or slot in renewed:
+                past = self.retired.pop(name, None) or health
                 health = self.health[name] = AnalyzerHealth(name, analyzer.weight, reports_seen=reports[slot])
+                if past is not None:  # a name's ejection and down counts never go back
+                    health.ejections, health.downs = past.ejections, past.downs
             health.weight = analyzer.weight
             health.draining = name in self.state.drained
         self.definitions = dict(definitions)
+        shown = {slot.name for slot in self.slots.released() if not slot.superseded}
+        self.retired = {name: past for name, past in self.retired.items() if name in shown}  # bounded by the slots
         self._write(renewed | weights_changed)
 
     # --- operator actions (admin API) ---------------------------------------------------------------
@@ -251,7 +257,7 @@ class AnalyzerSet:
                 assert slot is not None
                 if targets[slot.index].drain == DRAINED:
                     self.removing.discard(name)
-                    del self.health[name]
+                    self._retire(name)
                     del self.definitions[name]
                     self.slots.release(name)
                     log.info("analyzer %s drained and removed", name,
@@ -302,16 +308,19 @@ class AnalyzerSet:
 
     # --- views --------------------------------------------------------------------------------------
 
+    def _retire(self, name: str) -> None:
+        """The analyzer leaves: its health ends, its counts stay for its removed row and a later return."""
+        self.retired[name] = self.health.pop(name)
+
     def view(self) -> dict[str, dict[str, Any]]:
+        """Health per name, removed ones included (their counts, for their removed rows)."""
         now = time.monotonic()
-        return {name: h.view(now) for name, h in self.health.items()}
+        return {name: h.view(now) for name, h in (*self.retired.items(), *self.health.items())}
 
     def counters(self) -> dict[int, dict[str, int]]:
-        """Per used slot, its counters summed over workers and net of a former owner's history."""
+        """Per shown slot, its counters summed over workers, continuing its name's history (never going back)."""
         totals = [self.table.global_counters(c) for c in range(len(COUNTER_NAMES))]
-        used = [s.index for s in self.slots.released()] + [s.index for n in self.health
-                                                           if (s := self.slots.live(n)) is not None]
-        return {index: self.slots.counters(index, totals) for index in used}
+        return {slot.index: self.slots.counters(slot, totals) for slot in self.slots.shown()}
 
 
 def _same(published: Target | None, target: Target) -> bool:

@@ -11,6 +11,10 @@ holds a queued or in-flight packet for it, and every running worker has
 applied the table generation that removed it. Its cumulative counters are then
 taken as the new owner's baseline, so views and metrics of the new name start
 at zero (Prometheus sees a new series, never a decreasing one).
+
+Counters follow names, never go back: a name that comes back in another slot
+(its old one was not reusable yet) carries its old slot's counters with it,
+and that old slot is no longer shown.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ class Slot:
     incarnation: int
     live: bool = True
     removed_generation: int = -1  # table generation that published its removal (-1: not yet published)
-    baseline: list[int] = field(default_factory=lambda: [0] * len(COUNTER_NAMES))
+    baseline: list[int] = field(default_factory=lambda: [0] * len(COUNTER_NAMES))  # a former owner's totals
+    carried: list[int] = field(default_factory=lambda: [0] * len(COUNTER_NAMES))  # the name's own, from another slot
+    superseded: bool = False  # released, and its name lives in another slot now: not shown
 
 
 class SlotAllocator:
@@ -58,6 +64,10 @@ class SlotAllocator:
     def released(self) -> list[Slot]:
         """Slots whose analyzer was removed and that no new analyzer took yet."""
         return [s for s in self._slots if s is not None and not s.live]
+
+    def shown(self) -> list[Slot]:
+        """Slots views show: every live one, and removed ones whose name did not come back elsewhere."""
+        return [s for s in self._slots if s is not None and (s.live or not s.superseded)]
 
     def plan(self, definitions: Mapping[str, AnalyzerConfig]) -> dict[str, int]:
         """Slot per name: names keep theirs; new names take a free or reusable slot. Raises ConfigError."""
@@ -116,13 +126,23 @@ class SlotAllocator:
             if slot is None:
                 slot = self._slots[index] = Slot(index, name, analyzer.url, analyzer.mode, incarnation=1)
             else:
-                if slot.name != name:  # another analyzer's column: its history is not the newcomer's
-                    slot.baseline = self._totals(index)
-                slot.name, slot.url, slot.mode = name, analyzer.url, analyzer.mode
                 slot.incarnation += 1
-                slot.live, slot.removed_generation = True, -1
+                if slot.name != name or slot.superseded:  # its history is another name's, or counted elsewhere
+                    slot.baseline = self._totals(index)
+                    slot.carried = [0] * len(COUNTER_NAMES)
+            self._carry(name, slot)
+            slot.name, slot.url, slot.mode = name, analyzer.url, analyzer.mode
+            slot.live, slot.removed_generation, slot.superseded = True, -1, False
             renewed.add(index)
         return renewed
+
+    def _carry(self, name: str, into: Slot) -> None:
+        """The name's counters in a slot it left (not reusable yet) continue in ``into``; the old row hides."""
+        for old in self.released():
+            if old.name == name and old is not into and not old.superseded:
+                totals = [self._totals(old.index)[c] - old.baseline[c] + old.carried[c] for c in range(len(COUNTER_NAMES))]
+                into.carried = [into.carried[c] + totals[c] for c in range(len(COUNTER_NAMES))]
+                old.superseded = True
 
     def release(self, name: str) -> None:
         slot = self.live(name)
@@ -135,11 +155,11 @@ class SlotAllocator:
             if slot.removed_generation < 0:
                 slot.removed_generation = generation
 
-    def counters(self, index: int, totals: list[list[int]]) -> dict[str, int]:
-        """The slot's counters summed over workers (``totals[counter][slot]``), net of its baseline."""
-        slot = self._slots[index]
-        baseline = slot.baseline if slot is not None else [0] * len(COUNTER_NAMES)
-        return {name: totals[c][index] - baseline[c] for c, name in enumerate(COUNTER_NAMES)}
+    def counters(self, slot: Slot, totals: list[list[int]]) -> dict[str, int]:
+        """The slot's counters summed over workers (``totals[counter][slot]``), net of a former owner's and
+        with what its name carried from another slot (gauges are the slot's own)."""
+        return {name: totals[c][slot.index] - slot.baseline[c] + (0 if c in GAUGES else slot.carried[c])
+                for c, name in enumerate(COUNTER_NAMES)}
 
     def _totals(self, index: int) -> list[int]:
         return [0 if c in GAUGES else self._table.global_counters(c)[index] for c in range(len(COUNTER_NAMES))]
