@@ -7,9 +7,11 @@ open. Every change is logged (who, what, old, new) and counted.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -17,12 +19,14 @@ import orjson
 from aiohttp import web
 
 from distributor.delivery.analyzer_set import UnknownAnalyzer
+from distributor.delivery.slots import SlotsBusy
 from distributor.config import ConfigError, check_weight, parse_analyzer
 
 if TYPE_CHECKING:
     from distributor.supervisor import Supervisor
 
 log = logging.getLogger("distributor.admin")
+SLOT_WAIT, SLOT_POLL = 2.0, 0.05  # an add waits this long for a removed analyzer's slot to be forgotten
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -110,7 +114,15 @@ class AdminApi:
     async def add(self, request: web.Request) -> web.Response:
         # validated completely (byte limits, URL, networks) before the analyzer set is touched
         analyzer = parse_analyzer("body", await self._body(request), self._supervisor.config.analyzer_rules)
-        self._supervisor.analyzers.add(analyzer)
+        deadline = time.monotonic() + SLOT_WAIT
+        while True:
+            try:
+                self._supervisor.analyzers.add(analyzer)
+                break
+            except SlotsBusy:  # workers apply table changes within a heartbeat or two: give them that long
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(SLOT_POLL)
         response = self._audit(request, "add", analyzer.name, None, dataclasses.asdict(analyzer))
         response.set_status(201)
         return response

@@ -33,6 +33,10 @@ from distributor.shared_table import (
     SharedTable,
 )
 
+class SlotsBusy(ConfigError):
+    """No free slot now, but removed analyzers' slots free up once every worker has caught up."""
+
+
 # gauges, not counters: never rebased
 GAUGES = frozenset((C_QUEUE_PACKETS, C_QUEUE_BYTES, C_QUEUE_MESSAGES))
 
@@ -79,10 +83,11 @@ class SlotAllocator:
             index = self._free_slot(name, taken)
             if index is None:
                 waiting = sum(1 for s in self.released() if not self._reusable(s))
-                raise ConfigError(
-                    f"analyzers: at most {self._table.max_analyzers} analyzers per run"
-                    + (f"; {waiting} removed analyzers still hold queued packets or are not yet forgotten by "
-                       "every worker: retry once they are" if waiting else ""))
+                message = f"analyzers: at most {self._table.max_analyzers} analyzers per run"
+                if waiting:
+                    raise SlotsBusy(f"{message}; {waiting} removed analyzers still hold queued packets or are not "
+                                    "yet forgotten by every worker: retry once they are")
+                raise ConfigError(message)
             plan[name] = index
             taken.add(index)
         return plan

@@ -218,37 +218,50 @@ class IngestWorker:
         self.app.senders[slot].notify()  # type: ignore[union-attr]  # an emptied queue may make it idle
 
     async def heartbeat(self) -> None:
-        """Stamp liveness from the loop itself, measure loop lag, follow table changes."""
+        """Stamp liveness from the loop itself, measure loop lag, follow table changes.
+
+        A failure in one beat's work is logged and the beats go on: a dead heartbeat would look
+        like a stalled loop and hide the error.
+        """
         loop = asyncio.get_running_loop()
-        ints, floats, row = self.ints, self.floats, self.row
+        floats, row = self.floats, self.row
+        http_base = {cell: self.ints[row + cell] for cell in HTTP_STAT_CELLS.values()}  # a slot keeps its counters
         delivered_before = self.app.totals.delivered_bytes
-        http_base = {cell: ints[row + cell] for cell in HTTP_STAT_CELLS.values()}  # a slot keeps its counters
         while True:  # until cancelled: a stopping worker stays watched for stalls
             expected = loop.time() + HEARTBEAT_INTERVAL
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             floats[row + W_LOOP_LAG] = max(0.0, loop.time() - expected)
             floats[row + W_HEARTBEAT] = time.monotonic()
-            stats = self.http_stats
-            ints[row + W_CONNECTIONS] = stats.connections_open
-            for name, cell in HTTP_STAT_CELLS.items():
-                ints[row + cell] = http_base[cell] + getattr(stats, name)
-            queues = [q for q in self.app.queues if q is not None]
-            ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
-            ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
-            delivered = self.app.totals.delivered_bytes
-            rate = (delivered - delivered_before) / HEARTBEAT_INTERVAL
-            self.app.drain_rate = rate if self.app.drain_rate == 0 else 0.7 * self.app.drain_rate + 0.3 * rate
-            delivered_before = delivered
-            if self.wal_export is not None:
-                self.wal_export.publish()
-            if self.table.generation != self.router.generation:
-                self.apply_analyzers()
-            self.fail_over_unavailable()  # other analyzers may have room now
-            if os.getppid() != self.parent and not self.stop.is_set():
-                log.error("worker %d: supervisor is gone; shutting down", self.slot)
-                self.stop.set()
-                if self.wal is not None:
-                    self.hurry.set()  # what is queued is in the log: the next start delivers it, no drain needed
+            try:
+                delivered_before = self._beat(http_base, delivered_before)
+            except Exception:
+                log.exception("worker %d: heartbeat work failed; continuing", self.slot,
+                              extra={"event": "heartbeat_failed"})
+
+    def _beat(self, http_base: dict[int, int], delivered_before: int) -> int:
+        """Publish this worker's gauges, follow the drain rate and the table; returns the delivered bytes seen."""
+        ints, row = self.ints, self.row
+        stats = self.http_stats
+        ints[row + W_CONNECTIONS] = stats.connections_open
+        for name, cell in HTTP_STAT_CELLS.items():
+            ints[row + cell] = http_base[cell] + getattr(stats, name)
+        queues = [q for q in self.app.queues if q is not None]
+        ints[row + W_QUEUED_PACKETS] = sum(q.packets for q in queues)
+        ints[row + W_QUEUED_BYTES] = sum(q.bytes for q in queues)
+        delivered = self.app.totals.delivered_bytes
+        rate = (delivered - delivered_before) / HEARTBEAT_INTERVAL
+        self.app.drain_rate = rate if self.app.drain_rate == 0 else 0.7 * self.app.drain_rate + 0.3 * rate
+        if self.wal_export is not None:
+            self.wal_export.publish()
+        if self.table.generation != self.router.generation:
+            self.apply_analyzers()
+        self.fail_over_unavailable()  # other analyzers may have room now
+        if os.getppid() != self.parent and not self.stop.is_set():
+            log.error("worker %d: supervisor is gone; shutting down", self.slot)
+            self.stop.set()
+            if self.wal is not None:
+                self.hurry.set()  # what is queued is in the log: the next start delivers it, no drain needed
+        return delivered
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
