@@ -36,7 +36,7 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 # header cells
 H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
@@ -125,6 +125,7 @@ W_LATENCY_BUCKETS = 23
 (
     W_WAL_STATE,  # WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE
     W_WAL_BYTES,
+    W_WAL_OWN_BYTES,  # the part in the worker's own slot directory: what wal.max_bytes bounds
     W_WAL_SEGMENTS,
     W_WAL_UNACKED_PACKETS,
     W_WAL_UNACKED_MESSAGES,
@@ -142,7 +143,7 @@ W_LATENCY_BUCKETS = 23
     W_WAL_DAMAGED_ACKS,
     W_WAL_WRITE_ERRORS,
     W_WAL_SET_ASIDE,
-) = range(W_LATENCY_BUCKETS + len(LATENCY_BUCKETS), W_LATENCY_BUCKETS + len(LATENCY_BUCKETS) + 19)
+) = range(W_LATENCY_BUCKETS + len(LATENCY_BUCKETS), W_LATENCY_BUCKETS + len(LATENCY_BUCKETS) + 20)
 WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE = range(3)
 # fsync duration histogram: one cell per upper bound, the last is +Inf
 WAL_FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))

@@ -35,7 +35,7 @@ import psutil
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.ingest.listener import claim_port
-from distributor.shared_table import W_HEARTBEAT, W_PID, W_READY, W_STATE, SharedTable
+from distributor.shared_table import W_HEARTBEAT, W_PID, W_READY, W_STATE, W_WAL_STATE, WAL_AVAILABLE, SharedTable
 from distributor.workers.ingest_worker import CONFIG_ENV
 
 log = logging.getLogger("distributor.supervisor")
@@ -48,7 +48,8 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # settings the workers read: a reload that changes one rolls the workers, one at a time
 WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format", "ingest", "queue", "sender",
                    "outlier", "overload", "rate_limit")
-RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port")
+# the WAL too: a worker rolled onto another directory would leave the old one's packets behind
+RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal")
 
 
 class SignalInbox:
@@ -267,9 +268,10 @@ class Supervisor:
                 return
 
     def serving(self) -> list[WorkerHandle]:
-        """Workers that accept connections now (ready, not stopping, not being replaced)."""
+        """Workers that accept packets now: ready, not stopping or being replaced, their log (if on) writable."""
         return [h for h in self.workers if h.alive and h.ready and not h.retiring
-                and self._row(h, W_STATE) == W_READY]
+                and self._row(h, W_STATE) == W_READY
+                and (not self.config.wal.dir or self._row(h, W_WAL_STATE) == WAL_AVAILABLE)]
 
     def all_ready(self) -> bool:
         return all(h.ready for h in self.workers)

@@ -77,7 +77,7 @@ WAL_COUNTERS = {
     "distributor_wal_fsyncs",
 }
 WAL_GAUGES = {
-    "distributor_wal_bytes", "distributor_wal_max_bytes", "distributor_wal_segments",
+    "distributor_wal_bytes", "distributor_wal_own_bytes", "distributor_wal_max_bytes", "distributor_wal_segments",
     "distributor_wal_unacked_packets", "distributor_wal_unacked_messages",
     "distributor_wal_oldest_unacked_age_seconds", "distributor_wal_replay_remaining_bytes",
     "distributor_wal_available",
@@ -279,7 +279,7 @@ def test_alert_rules_are_complete_and_link_the_runbook() -> None:
     assert wal["DistributorWalUnavailable"]["labels"]["severity"] == "critical"
     assert re.fullmatch(r"\s*distributor_wal_available\s*==\s*0\s*", wal["DistributorWalUnavailable"]["expr"])
     near_full = wal["DistributorWalNearFull"]["expr"]
-    assert "distributor_wal_bytes" in near_full and "distributor_wal_max_bytes > 0" in near_full
+    assert "distributor_wal_own_bytes" in near_full and "distributor_wal_max_bytes > 0" in near_full
     assert float(re.findall(r">\s*([0-9.]+)\s*$", near_full.strip())[0]) == 0.8
     assert "distributor_wal_oldest_unacked_age_seconds > 600" in wal["DistributorWalOldestUnackedHigh"]["expr"]
     for name, counters in (("DistributorWalWriteErrors", ["distributor_wal_write_errors_total"]),

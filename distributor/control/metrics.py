@@ -34,6 +34,7 @@ PACKET_OUTCOMES = {
 }
 WAL_GAUGES = {
     "bytes": "Bytes of segment files held (adopted slots included)",
+    "own_bytes": "Bytes of the worker's own slot directory: what wal.max_bytes bounds",
     "max_bytes": "wal.max_bytes: above it new packets get 503 wal_unavailable until acks free segments",
     "segments": "Segment files held",
     "unacked_packets": "Packets in the log not yet delivered or dropped with a counted reason",

@@ -46,6 +46,7 @@ from distributor.shared_table import (
     W_WAL_FSYNC_BUCKETS,
     W_WAL_FSYNC_SUM_NS,
     W_WAL_OLDEST_MS,
+    W_WAL_OWN_BYTES,
     W_WAL_REPLAY_REMAINING_BYTES,
     W_WAL_SEGMENTS,
     W_WAL_STATE,
@@ -176,6 +177,7 @@ def wal_view(table: SharedTable, base: int) -> dict[str, Any]:
     return {
         "available": ints[base + W_WAL_STATE] == WAL_AVAILABLE,
         "bytes": ints[base + W_WAL_BYTES],
+        "own_bytes": ints[base + W_WAL_OWN_BYTES],
         "segments": ints[base + W_WAL_SEGMENTS],
         "unacked_packets": ints[base + W_WAL_UNACKED_PACKETS],
         "unacked_messages": ints[base + W_WAL_UNACKED_MESSAGES],

@@ -76,9 +76,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"starting 4 analyzers (weights 0.4/0.3/0.2/0.1) and the distributor ({args.workers} workers)...",
           flush=True)
     cluster = LocalCluster(workers=args.workers)
+    wal_dir = cluster.log_dir / "wal"  # the demo runs as users should: every 202 in the write-ahead log
+    cluster.distributor_args = ["--set", f"wal.dir={wal_dir}"]
     with cluster:
         print(f"distributor on {cluster.ingest_url}, control plane on {cluster.admin_url}; "
-              f"logs in {cluster.log_dir}", flush=True)
+              f"logs in {cluster.log_dir}, write-ahead log in {wal_dir}", flush=True)
         stats = uvloop.run(_drive(cluster, args))
         cluster.wait_drained()
         totals = cluster.analyzer_totals()

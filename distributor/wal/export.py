@@ -16,6 +16,7 @@ from distributor.shared_table import (
     W_WAL_FSYNC_BUCKETS,
     W_WAL_FSYNC_SUM_NS,
     W_WAL_FSYNCS,
+    W_WAL_OWN_BYTES,
     W_WAL_OLDEST_MS,
     W_WAL_POSSIBLE_DUPLICATES,
     W_WAL_REPLAY_REMAINING_BYTES,
@@ -63,6 +64,7 @@ class WalExport:
         stats = log.stats
         ints[row + W_WAL_STATE] = WAL_AVAILABLE if log.available else WAL_UNAVAILABLE
         ints[row + W_WAL_BYTES] = stats.bytes
+        ints[row + W_WAL_OWN_BYTES] = stats.own_bytes
         ints[row + W_WAL_SEGMENTS] = stats.segments
         ints[row + W_WAL_UNACKED_PACKETS] = stats.unacked_packets
         ints[row + W_WAL_UNACKED_MESSAGES] = stats.unacked_messages
