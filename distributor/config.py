@@ -91,29 +91,6 @@ class AnalyzerConfig:
         return cls(name=name, url=url, weight=weight)
 
 
-@dataclass(frozen=True, slots=True)
-class IngestConfig:
-    """Limits of the data port (per worker)."""
-
-    max_body_bytes: int = 1 << 20
-    max_messages_per_packet: int = 10_000
-    max_header_bytes: int = 16 << 10
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    idle_timeout: float = 75.0
-    max_connections: int = 10_000
-    retry_after: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class QueueConfig:
-    """Bound of each per-analyzer sender queue, in every worker."""
-
-    max_packets: int = 10_000
-    max_bytes: int = 64 << 20
-    worker_max_bytes: int = 256 << 20  # all analyzers together, per worker: the basis of overload shedding
-
-
 def _optional(default: float) -> Any:
     """A field where 0 means off (validated as >= 0 instead of > 0)."""
     return field(default=default, metadata={"zero_allowed": True})
@@ -127,6 +104,30 @@ def _fraction(default: float) -> Any:
 def _flag(default: bool) -> Any:
     """A true/false field."""
     return field(default=default, metadata={"flag": True})
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """Limits of the data port (per worker)."""
+
+    max_body_bytes: int = 1 << 20
+    max_messages_per_packet: int = 10_000
+    max_header_bytes: int = 16 << 10
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    max_connections: int = 10_000
+    retry_after: float = 1.0
+    max_loop_lag: float = _optional(0.025)  # event-loop lag above which new packets get 503 at once (0 = off)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Bound of each per-analyzer sender queue, in every worker."""
+
+    max_packets: int = 10_000
+    max_bytes: int = 64 << 20
+    worker_max_bytes: int = 256 << 20  # all analyzers together, per worker: the basis of overload shedding
 
 
 @dataclass(frozen=True, slots=True)

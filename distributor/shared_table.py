@@ -36,7 +36,7 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 # header cells
 H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
@@ -107,7 +107,8 @@ MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
     W_HTTP_IDLE_CLOSED,
     W_SHED,
     W_RATE_LIMITED,
-) = range(23)
+    W_LAG_SHED,  # answered 503 because the event loop lagged (CPU saturated)
+) = range(24)
 # HttpStats attribute -> worker cell, copied by the worker's heartbeat
 HTTP_STAT_CELLS = {
     "connections_total": W_CONNECTIONS_TOTAL,
@@ -120,7 +121,7 @@ HTTP_STAT_CELLS = {
 }
 # ingest handler latency histogram: one cell per upper bound, the last is +Inf
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, float("inf"))
-W_LATENCY_BUCKETS = 23
+W_LATENCY_BUCKETS = 24
 # the worker's write-ahead log (all zero while it is off)
 (
     W_WAL_STATE,  # WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE

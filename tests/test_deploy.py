@@ -97,7 +97,7 @@ METRIC_NAMES = (
     | {f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 )
 LABEL_VALUES = {
-    "outcome": {"accepted", "invalid", "unavailable", "shed", "rate_limited", "wal_unavailable", "routed",
+    "outcome": {"accepted", "invalid", "unavailable", "shed", "loop_lag", "rate_limited", "wal_unavailable", "routed",
                 "delivered", "rejected", "dropped_shutdown", "lost_worker_crash"},
     "state": {"active", "down", "ejected", "saturated", "draining", "drained", "warming"},
     "kind": {"rss", "uss"},

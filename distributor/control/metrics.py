@@ -29,6 +29,7 @@ PACKET_OUTCOMES = {
     "invalid": "rejected_invalid",
     "unavailable": "rejected_unavailable",
     "shed": "shed_packets",
+    "loop_lag": "loop_lag_shed_packets",
     "rate_limited": "rate_limited_packets",
     "wal_unavailable": "wal_unavailable_packets",
 }

@@ -16,6 +16,7 @@ import orjson
 from distributor.config import Config
 from distributor.ingest.contract import ContractError, parse_packet
 from distributor.ingest.http11 import Pending, Request, Response, json_error
+from distributor.ingest.overload import LoopLagGuard
 from distributor.ingest.ratelimit import RateLimiter
 from distributor.delivery.routing import NO_ANALYZER, Router
 from distributor.delivery.queue import NO_REF, PacketQueue, QueueTotals
@@ -28,6 +29,7 @@ from distributor.shared_table import (
     LATENCY_BUCKETS,
     W_ACCEPTED,
     W_LATENCY_BUCKETS,
+    W_LAG_SHED,
     W_LATENCY_SUM_NS,
     W_RATE_LIMITED,
     W_REJECTED_INVALID,
@@ -63,6 +65,9 @@ class IngestApp:
         self.totals = QueueTotals()
         self.drain_rate = 0.0  # bytes/s leaving this worker's queues, kept current by the worker
         self.limiter = RateLimiter(table, worker_slot, config.rate_limit)
+        self.guard = LoopLagGuard(config.ingest.max_loop_lag)
+        self._lag_refusal = json_error(503, "overloaded", "the worker's CPU is saturated; retry later",
+                                       config.ingest.retry_after)
         self._router = router
         self._ints = table.ints
         self._row = table.worker_base(worker_slot)
@@ -89,6 +94,9 @@ class IngestApp:
     def handle(self, request: Request) -> Response | Pending:
         if request.path == HEALTH_PATH:
             return _HEALTHY
+        if self.guard.shedding:  # the CPU is saturated: the cheapest possible answer, before any parsing
+            self._ints[self._row + W_LAG_SHED] += 1
+            return self._lag_refusal
         started = perf_counter_ns()
         response = self._ingest(request)
         elapsed = perf_counter_ns() - started

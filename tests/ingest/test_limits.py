@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import threading
+import time
 import urllib.request
 from typing import Callable
 
@@ -93,3 +96,38 @@ def test_killed_supervisor_leaves_no_workers_and_its_segment_is_cleaned_next_sta
     cluster.data_port = cluster.admin_port = 0
     cluster.start_distributor_process()
     assert not segment.exists()
+
+
+def test_a_lagging_event_loop_sheds_with_503_and_recovers(make_cluster: Callable[..., LocalCluster]) -> None:
+    """ingest.max_loop_lag: the worker's loop is made late on every probe (stopped 30 ms, resumed 3 ms,
+    over and over), as a saturated CPU would; new packets then get 503 overloaded + Retry-After."""
+    cluster = make_cluster(analyzers=(("a1", 1.0),), distributor_args=["--set", "ingest.max_loop_lag=0.01"])
+    worker = cluster.admin("/admin/workers")["workers"][0]["pid"]
+    stop = threading.Event()
+
+    def starve() -> None:
+        while not stop.is_set():
+            os.kill(worker, signal.SIGSTOP)
+            time.sleep(0.03)
+            os.kill(worker, signal.SIGCONT)
+            time.sleep(0.003)
+
+    starver = threading.Thread(target=starve)
+    starver.start()
+    client = Client(cluster.data_port)
+    refused: list[tuple[int, dict[str, str], dict[str, str]]] = []
+    try:
+        def shed() -> bool:
+            status, headers, payload = client.post(packet(packet_id=f"lag-{len(refused)}"))
+            refused.append((status, headers, payload))
+            return status == 503
+        wait_until(shed, 15, "a 503 while the loop lags")
+    finally:
+        stop.set()
+        starver.join()
+        os.kill(worker, signal.SIGCONT)
+    status, headers, payload = refused[-1]
+    assert payload["error"] == "overloaded" and "CPU" in payload["detail"] and headers["retry-after"] == "1"
+    wait_until(lambda: client.post(packet(packet_id=f"after-{time.monotonic()}"))[0] == 202, 10,
+               "admission once the loop is on time again")
+    wait_until(lambda: metric(cluster, 'distributor_packets_total{outcome="loop_lag"}') >= 1, 5, "the metric")
