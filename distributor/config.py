@@ -119,6 +119,7 @@ class IngestConfig:
     max_connections: int = 10_000
     retry_after: float = 1.0
     max_loop_lag: float = _optional(0.025)  # event-loop lag above which new packets get 503 at once (0 = off)
+    max_batch_packets: int = 1000  # packets (lines) per POST /ingest/batch; 413 above
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,10 @@
 """The data-port application: the hot path of the distributor.
 
-read request -> parse with orjson -> validate -> pick analyzer -> enqueue the
-raw bytes -> answer. Everything here is synchronous and allocation-light; the
-counters it bumps are cells of this worker's row in the shared table.
+read request -> (inflate) -> parse with orjson -> validate -> admit (rate limit,
+shed, log, route) -> enqueue the raw bytes -> answer. Everything here is
+synchronous and allocation-light; the counters it bumps are cells of this
+worker's row in the shared table. ``POST /ingest/batch`` (``batch.py``) admits
+each line of an NDJSON body the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from time import monotonic, perf_counter_ns
 import orjson
 
 from distributor.config import Config
-from distributor.ingest.contract import ContractError, parse_packet
+from distributor.ingest.batch import handle_batch
+from distributor.ingest.contract import ContractError, PacketInfo, parse_packet
+from distributor.ingest.encoding import BodyError, decoded_body
 from distributor.ingest.http11 import Pending, Request, Response, json_error
 from distributor.ingest.overload import LoopLagGuard
 from distributor.ingest.ratelimit import RateLimiter
+from distributor.ingest.refusal import Refusal, invalid
 from distributor.delivery.routing import NO_ANALYZER, Router
 from distributor.delivery.queue import NO_REF, PacketQueue, QueueTotals
 from distributor.delivery.sender import AnalyzerSender
@@ -41,7 +46,9 @@ from distributor.shared_table import (
 )
 
 INGEST_PATH = b"/ingest"
+BATCH_PATH = b"/ingest/batch"
 HEALTH_PATH = b"/healthz"
+PACKET_PATHS = (INGEST_PATH, BATCH_PATH)
 _ALLOW_POST = ((b"allow", b"POST"),)
 _ALLOW_GET = ((b"allow", b"GET, HEAD"),)
 _HEALTHY = Response(200, b'{"status":"ok"}')
@@ -49,10 +56,12 @@ _BUCKET_BOUNDS_NS = tuple(bound * 1e9 for bound in LATENCY_BUCKETS[:-1])
 
 
 class IngestApp:
-    """HttpApp for ``POST /ingest`` and ``GET /healthz``."""
+    """HttpApp for ``POST /ingest``, ``POST /ingest/batch`` and ``GET /healthz``."""
 
     def __init__(self, config: Config, router: Router, table: SharedTable, worker_slot: int) -> None:
-        self._max_messages = config.ingest.max_messages_per_packet
+        self.max_messages = config.ingest.max_messages_per_packet
+        self.max_body_bytes = config.ingest.max_body_bytes
+        self.max_batch_packets = config.ingest.max_batch_packets
         self._retry_after = config.ingest.retry_after
         self._max_retry_after = config.overload.max_retry_after
         capacity = config.queue.worker_max_bytes
@@ -69,8 +78,8 @@ class IngestApp:
         self._lag_refusal = json_error(503, "overloaded", "the worker's CPU is saturated; retry later",
                                        config.ingest.retry_after)
         self._router = router
-        self._ints = table.ints
-        self._row = table.worker_base(worker_slot)
+        self.ints = table.ints
+        self.row = table.worker_base(worker_slot)
         self._counter_base = table.counter_index(worker_slot, 0, 0)
         self._counter_stride = table.counter_index(worker_slot, 1, 0) - self._counter_base
         # indexed by analyzer slot; None for slots this worker does not serve
@@ -78,98 +87,114 @@ class IngestApp:
         self.senders: list[AnalyzerSender | None] = [None] * table.max_analyzers
         self.wal: WorkerLog | None = None  # set by the worker when the write-ahead log is on
         self._turn_number = -1  # the log turn that self._turn's answers wait for
-        self._turn: list[tuple[Pending, str]] = []
+        self._turn: list[tuple[Pending, Response, int]] = []
 
     def preflight(self, method: bytes, path: bytes, content_length: int | None) -> Response | None:
-        if path == INGEST_PATH:
+        if path in PACKET_PATHS:
             if method == b"POST":
                 return None
-            return _with_headers(json_error(405, "method_not_allowed", "use POST /ingest"), _ALLOW_POST)
+            return _with_headers(json_error(405, "method_not_allowed", f"use POST {path.decode()}"), _ALLOW_POST)
         if path == HEALTH_PATH:
             if method in (b"GET", b"HEAD"):
                 return None
             return _with_headers(json_error(405, "method_not_allowed", "use GET /healthz"), _ALLOW_GET)
-        return json_error(404, "not_found", f"no route for {path.decode('latin-1')}; packets go to POST /ingest")
+        return json_error(404, "not_found", f"no route for {path.decode('latin-1')}; packets go to POST /ingest "
+                          "or POST /ingest/batch")
 
     def handle(self, request: Request) -> Response | Pending:
-        if request.path == HEALTH_PATH:
+        path = request.path
+        if path == HEALTH_PATH:
             return _HEALTHY
         if self.guard.shedding:  # the CPU is saturated: the cheapest possible answer, before any parsing
-            self._ints[self._row + W_LAG_SHED] += 1
+            self.ints[self.row + W_LAG_SHED] += 1
             return self._lag_refusal
         started = perf_counter_ns()
-        response = self._ingest(request)
+        ints, row = self.ints, self.row
+        ints[row + W_REQUESTS] += 1
+        try:
+            body = decoded_body(request.body, request.header(b"content-encoding"), self.max_body_bytes)
+        except BodyError as exc:
+            response: Response | Pending = exc.response
+        else:
+            response = self._single(request, body) if path == INGEST_PATH else handle_batch(self, request, body)
         elapsed = perf_counter_ns() - started
-        ints, row = self._ints, self._row
         ints[row + W_LATENCY_SUM_NS] += elapsed
         ints[row + W_LATENCY_BUCKETS + bisect_left(_BUCKET_BOUNDS_NS, elapsed)] += 1
         return response
 
-    def _ingest(self, request: Request) -> Response | Pending:
-        """Parse, validate, route, enqueue (and log): the part the latency histogram measures."""
-        ints, row = self._ints, self._row
-        ints[row + W_REQUESTS] += 1
-        body = request.body
+    def _single(self, request: Request, body: bytes) -> Response | Pending:
+        """``POST /ingest``: one packet; 202, or the refusal as the answer."""
         try:
-            packet = parse_packet(body, self._max_messages)
+            packet = parse_packet(body, self.max_messages)
         except ContractError as exc:
-            ints[row + W_REJECTED_INVALID] += 1
-            error = "packet_too_large" if exc.status == 413 else "invalid_packet"
-            payload = {"error": error, "detail": str(exc), "field": exc.field}
-            return Response(exc.status, orjson.dumps(payload))
+            self.ints[self.row + W_REJECTED_INVALID] += 1
+            refusal = invalid(exc)
+            return Response(exc.status, orjson.dumps({"error": refusal.error, "detail": refusal.detail,
+                                                      "field": exc.field}))
+        refused = self.admit(body, packet)
+        if refused is not None:
+            return refused.response()
+        accepted = Response(202, orjson.dumps({"status": "accepted", "packet_id": packet.packet_id}))
+        return self.answer(request, accepted, 1)
+
+    def admit(self, raw: bytes, packet: PacketInfo) -> Refusal | None:
+        """Rate limit, shed, log and route one valid packet; None once it is queued (and in the log)."""
+        ints, row = self.ints, self.row
         if self.limiter.enabled:
             wait = self.limiter.admit(packet.emitter_id, monotonic())
             if wait:
                 ints[row + W_RATE_LIMITED] += 1
-                return json_error(429, "rate_limited", f"emitter {packet.emitter_id!r} is over its rate limit", wait)
-        size = len(body)
+                return Refusal(429, "rate_limited", f"emitter {packet.emitter_id!r} is over its rate limit", wait)
+        size = len(raw)
         if self.totals.bytes + size > self._shed_at[packet.priority]:
             ints[row + W_SHED] += 1
-            return json_error(503, "overloaded", f"queues are full for {packet.priority} priority packets; "
-                              "retry later", self.overload_retry_after())
+            return Refusal(503, "overloaded", f"queues are full for {packet.priority} priority packets; "
+                           "retry later", self.overload_retry_after())
         wal = self.wal
         if wal is not None and not wal.available:
             ints[row + W_WAL_UNAVAILABLE_PACKETS] += 1
-            return json_error(503, "wal_unavailable", f"the write-ahead log cannot take packets now "
-                              f"({wal.unavailable_reason}); retry later", self._retry_after)
+            return Refusal(503, "wal_unavailable", f"the write-ahead log cannot take packets now "
+                           f"({wal.unavailable_reason}); retry later", self._retry_after)
         slot = self._choose(size, packet.messages)
         if slot == NO_ANALYZER:
             ints[row + W_REJECTED_UNAVAILABLE] += 1
             retry_after = self.overload_retry_after() if self._router.slots else self._retry_after
-            return json_error(503, "no_capacity", "no analyzer can take the packet now; retry later", retry_after)
-        if wal is None:
-            self.enqueue(slot, body, packet.messages, NO_REF)
-            ints[row + W_ACCEPTED] += 1
-            return Response(202, orjson.dumps({"status": "accepted", "packet_id": packet.packet_id}))
-        self.enqueue(slot, body, packet.messages, wal.append(body, packet.messages))
-        return self._answer_when_durable(request, wal, packet.packet_id)
+            return Refusal(503, "no_capacity", "no analyzer can take the packet now; retry later", retry_after)
+        self.enqueue(slot, raw, packet.messages, NO_REF if wal is None else wal.append(raw, packet.messages))
+        return None
 
-    def _answer_when_durable(self, request: Request, wal: WorkerLog, packet_id: str) -> Pending:
-        """The 202 leaves once the log holds the packet as its sync mode promises (one callback per log turn).
+    def answer(self, request: Request, response: Response, accepted: int) -> Response | Pending:
+        """Answer a request whose ``accepted`` packets were admitted: now, or once the log holds them.
 
-        If the log's write or fsync fails, the answer is 503 ``wal_unavailable``: nothing is answered 202
-        that was not written. The packet, already queued, is still delivered (its emitter's retry is then
-        a duplicate the analyzers' idempotency absorbs).
+        With the log on, the answer leaves when the log holds the packets as its sync mode promises
+        (one callback per log turn, shared by every answer of the turn). If the log's write or fsync
+        fails, the answer is 503 ``wal_unavailable``: nothing is answered 202 that was not written. The
+        packets, already queued, are still delivered (the emitter's retry is then a duplicate the
+        analyzers' idempotency absorbs).
         """
+        wal = self.wal
+        if wal is None or not accepted:
+            self.ints[self.row + W_ACCEPTED] += accepted
+            return response
         pending = request.defer()
         if self._turn_number != wal.turns:
             self._turn_number = wal.turns
             self._turn = []
             wal.when_durable(partial(self._settle, self._turn))
-        self._turn.append((pending, packet_id))
+        self._turn.append((pending, response, accepted))
         return pending
 
-    def _settle(self, turn: list[tuple[Pending, str]], ok: bool) -> None:
-        ints, row = self._ints, self._row
+    def _settle(self, turn: list[tuple[Pending, Response, int]], ok: bool) -> None:
+        ints, row = self.ints, self.row
         if ok:
-            ints[row + W_ACCEPTED] += len(turn)
-            for pending, packet_id in turn:
-                pending.answer(Response(202, orjson.dumps({"status": "accepted", "packet_id": packet_id})))
+            for pending, response, accepted in turn:
+                ints[row + W_ACCEPTED] += accepted
+                pending.answer(response)
             return
-        ints[row + W_WAL_UNAVAILABLE_PACKETS] += len(turn)
-        refused = json_error(503, "wal_unavailable", "the write-ahead log could not store the packet; retry later",
+        refused = json_error(503, "wal_unavailable", "the write-ahead log could not store the packets; retry later",
                              self._retry_after)
-        for pending, _ in turn:
+        for pending, _, accepted in turn:
+            ints[row + W_WAL_UNAVAILABLE_PACKETS] += accepted
             pending.answer(refused)
 
     def _choose(self, size: int, messages: int) -> int:
@@ -192,7 +217,7 @@ class IngestApp:
         """Put a packet in an analyzer's queue and count it as routed there (ingest, failover, replay)."""
         self.queues[slot].put(raw, messages, ref)  # type: ignore[union-attr]
         self.senders[slot].notify()  # type: ignore[union-attr]
-        ints = self._ints
+        ints = self.ints
         cell = self._counter_base + slot * self._counter_stride
         ints[cell + C_ROUTED_MESSAGES] += messages
         ints[cell + C_ROUTED_PACKETS] += 1

@@ -77,6 +77,14 @@ class Request:
         """Answer later: return the Pending from ``handle`` and call ``Pending.answer`` once (from the loop)."""
         return self._conn._defer()
 
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of a header (``name`` in lower case), or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
 
 class Pending:
     """An answer still to come; the answers of later requests on the connection wait behind it."""
