@@ -229,8 +229,10 @@ async def _ingest(request: web.Request, batch: bool) -> web.Response:
             delay = state.faults.delay_ms
             if delay > 0:
                 await asyncio.sleep(delay / 1000.0)
-            body = await request.read()
+            body = await request.read()  # aiohttp inflates gzip, zstd, deflate and br bodies
             stats.bytes_received += len(body)
+            stats.wire_bytes += request.content_length or 0
+            stats.count_encoding(request.headers.get("Content-Encoding", "identity"))
             if state.faults.should_fail():
                 stats.injected_errors += 1
                 return error_response(500, "injected", f"analyzer {state.name}: injected failure")

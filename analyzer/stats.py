@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -24,6 +24,7 @@ MAX_KEY_CHARS = 256
 # Entries per table that /stats returns, largest counts first: keeps the body
 # (and the time the event loop spends encoding it) small whatever the traffic.
 STATS_TOP = 100
+ENCODINGS = ("identity", "gzip", "zstd", "deflate", "br", "other")  # aiohttp inflates all but "other"
 
 
 class DedupWindow:
@@ -191,7 +192,14 @@ class Stats:
     batches: int = 0
     rejected_requests: int = 0
     injected_errors: int = 0
-    bytes_received: int = 0
+    bytes_received: int = 0  # decompressed
+    wire_bytes: int = 0  # as sent (Content-Length): what compression saved is the difference
+    encodings: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENCODINGS, 0))
+
+    def count_encoding(self, encoding: str) -> None:
+        """Requests per Content-Encoding; anything unknown is "other", so the table stays this size."""
+        key = encoding.strip().lower() or "identity"
+        self.encodings[key if key in self.encodings else "other"] += 1
 
     def accept(self, key: PacketKey) -> bool:
         """Remember a packet key; False if it is a duplicate within the dedup window."""
@@ -238,6 +246,8 @@ class Stats:
             "rejected_requests": self.rejected_requests,
             "injected_errors": self.injected_errors,
             "bytes_received": self.bytes_received,
+            "wire_bytes": self.wire_bytes,
+            "encodings": dict(self.encodings),
             "levels": levels,
             "emitters": emitters,
             "tables": {

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 ENV_PREFIX = "DISTRIBUTOR_"
 AnalyzerMode = Literal["batch", "packet"]
 MODES: tuple[str, ...] = ("batch", "packet")
+COMPRESSIONS: tuple[str, ...] = ("none", "gzip", "zstd")
 LOG_FORMATS: tuple[str, ...] = ("json", "text")
 # weights are normalised; these bounds keep sums and ratios finite and meaningful
 MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
@@ -35,7 +36,7 @@ MAX_ANALYZERS = 64
 # the shared table holds a row per worker and RL_CELLS cells per rate-limit slot in every row: keep it sane
 MAX_WORKERS = 256
 MAX_RATE_LIMIT_SLOTS = 1 << 20
-ANALYZER_KEYS = ("name", "url", "weight", "mode")
+ANALYZER_KEYS = ("name", "url", "weight", "mode", "compression")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,6 +75,7 @@ class AnalyzerConfig:
     url: str
     weight: float
     mode: AnalyzerMode = "batch"
+    compression: str = "none"  # of request bodies sent to it: none, gzip or zstd
 
     @classmethod
     def parse_flag(cls, text: str) -> "AnalyzerConfig":
@@ -448,6 +450,9 @@ def validate_analyzer(where: str, analyzer: AnalyzerConfig, rules: AnalyzerRules
     _check_url(f"{where}.url", analyzer.url, rules)
     if analyzer.mode not in MODES:
         raise ConfigError(f"{where}.mode: must be one of {', '.join(MODES)}, got {_shown(analyzer.mode)}")
+    if analyzer.compression not in COMPRESSIONS:
+        raise ConfigError(f"{where}.compression: must be one of {', '.join(COMPRESSIONS)}, "
+                          f"got {_shown(analyzer.compression)}")
 
 
 def _check_url(where: str, url: object, rules: AnalyzerRules) -> None:
@@ -497,14 +502,15 @@ def _check_url(where: str, url: object, rules: AnalyzerRules) -> None:
 def parse_analyzer(where: str, data: object, rules: AnalyzerRules) -> AnalyzerConfig:
     """An analyzer from JSON (admin API body, state file): exactly its keys, JSON types, then ``validate_analyzer``."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object with name, url, weight and optional mode")
+        raise ConfigError(f"{where}: expected an object with name, url, weight and optional mode and compression")
     for key in data:
         if key not in ANALYZER_KEYS:
             raise ConfigError(f"{where}: unknown key {_shown(key)}")
     for key in ANALYZER_KEYS[:3]:
         if key not in data:
             raise ConfigError(f"{where}.{key}: missing")
-    analyzer = AnalyzerConfig(name=data["name"], url=data["url"], weight=data["weight"], mode=data.get("mode", "batch"))
+    analyzer = AnalyzerConfig(name=data["name"], url=data["url"], weight=data["weight"], mode=data.get("mode", "batch"),
+                              compression=data.get("compression", "none"))
     validate_analyzer(where, analyzer, rules)
     return replace(analyzer, weight=float(analyzer.weight))
 

@@ -36,7 +36,7 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 # header cells
 H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
@@ -54,8 +54,9 @@ HEADER_CELLS = 16
     A_ADMISSIONS,
     A_INCARNATION,  # bumped whenever the slot gets a new analyzer or a new url/mode: workers rebuild its sender
     A_DRAIN,        # the operator's drain, a fact apart from health: NOT_DRAINING, DRAINING or DRAINED
-) = range(10)
-A_NAME = 10
+    A_COMPRESSION,  # of the bodies sent to it: COMPRESSION_CODES
+) = range(11)
+A_NAME = 11
 NAME_CELLS = 8
 NAME_BYTES = NAME_CELLS * 8  # 64: config validation refuses longer (UTF-8) names
 A_URL = A_NAME + NAME_CELLS
@@ -81,6 +82,8 @@ NOT_DRAINING, DRAINING, DRAINED = range(3)
 DRAIN_NAMES = {DRAINING: "draining", DRAINED: "drained"}
 MODE_CODES = {"batch": 0, "packet": 1}
 MODE_NAMES = {code: name for name, code in MODE_CODES.items()}
+COMPRESSION_CODES = {"none": 0, "gzip": 1, "zstd": 2}
+COMPRESSION_NAMES = {code: name for name, code in COMPRESSION_CODES.items()}
 
 # worker row cells (worker-level)
 (
@@ -209,6 +212,7 @@ class AnalyzerRow:
     url: str
     weight: float
     mode: str
+    compression: str
     state: int
     base_messages: int
     effective_weight: float
@@ -325,7 +329,8 @@ class SharedTable:
     def end_update(self) -> None:
         self.ints[H_GENERATION] += 1
 
-    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str, incarnation: int) -> None:
+    def write_analyzer(self, slot: int, name: str, url: str, weight: float, mode: str, incarnation: int,
+                       compression: str = "none") -> None:
         """An analyzer's definition (supervisor only; inside begin/end_update, followed by set_effective).
 
         The caller validated the byte lengths (config.validate_analyzer): a ValueError here is a bug.
@@ -337,6 +342,7 @@ class SharedTable:
         self.ints[base + A_INCARNATION] = incarnation
         self.floats[base + A_WEIGHT] = weight
         self.ints[base + A_MODE] = MODE_CODES[mode]
+        self.ints[base + A_COMPRESSION] = COMPRESSION_CODES[compression]
         self.ints[base + A_NAME_LEN] = len(name_b)
         self.ints[base + A_URL_LEN] = len(url_b)
         start = base * 8
@@ -385,6 +391,7 @@ class SharedTable:
             url=bytes(self._mm[start + A_URL * 8 : start + A_URL * 8 + url_len]).decode(),
             weight=self.floats[base + A_WEIGHT],
             mode=MODE_NAMES[self.ints[base + A_MODE]],
+            compression=COMPRESSION_NAMES[self.ints[base + A_COMPRESSION]],
             state=state,
             base_messages=self.ints[base + A_BASE_MESSAGES],
             effective_weight=self.floats[base + A_EFFECTIVE_WEIGHT],

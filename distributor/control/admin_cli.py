@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from distributor.config import COMPRESSIONS, MODES
+
 
 def add_admin_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default="http://127.0.0.1:9091", help="control plane URL")
@@ -23,7 +25,8 @@ def add_admin_flags(parser: argparse.ArgumentParser) -> None:
     add.add_argument("name")
     add.add_argument("url")
     add.add_argument("weight", type=float)
-    add.add_argument("--mode", choices=("batch", "packet"), default="batch")
+    add.add_argument("--mode", choices=MODES, default="batch")
+    add.add_argument("--compression", choices=COMPRESSIONS, default="none", help="of the bodies sent to it")
 
 
 def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
@@ -34,7 +37,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         return "DELETE", f"{base}/{args.name}", None
     if args.action == "weight":
         return "PUT", f"{base}/{args.name}", {"weight": args.weight}
-    return "POST", base, {"name": args.name, "url": args.url, "weight": args.weight, "mode": args.mode}
+    return "POST", base, {"name": args.name, "url": args.url, "weight": args.weight, "mode": args.mode,
+                          "compression": args.compression}
 
 
 def run_admin(args: argparse.Namespace) -> int:

@@ -93,6 +93,7 @@ def analyzers_view(supervisor: "Supervisor") -> list[dict[str, Any]]:
             "name": row.name,
             "url": row.url,
             "mode": row.mode,
+            "compression": row.compression,
             "weight": row.weight,
             "effective_weight": row.effective_weight if row.routable else 0.0,
             "state": row.display_state,

@@ -234,7 +234,7 @@ class AnalyzerSet:
                 assert slot is not None
                 if slot.index in definition_slots:
                     table.write_analyzer(slot.index, name, analyzer.url, analyzer.weight, analyzer.mode,
-                                         slot.incarnation)
+                                         slot.incarnation, analyzer.compression)
             for index, target in targets.items():
                 table.set_effective(index, target.state, target.weight, target.admissions, target.drain)
             if routing_changed:

@@ -19,6 +19,7 @@ from typing import Protocol
 import aiohttp
 
 from distributor.config import OutlierConfig, SenderConfig
+from distributor.delivery.compression import compressed
 from distributor.delivery.queue import NO_REF, Counters, Packet, PacketQueue, byte_count, message_count
 from distributor.logs import RateLimitedLog
 from distributor.wal.log import WorkerLog
@@ -73,11 +74,13 @@ class AnalyzerSender:
         cell: int,
         host: FailoverHost,
         wal: WorkerLog | None = None,
+        compression: str = "none",
     ) -> None:
         self.slot = slot
         self.name = name
         self.url = url.rstrip("/")
         self.mode = mode
+        self.compression = compression
         self.queue = queue
         self._config = config
         self._outlier = outlier
@@ -122,7 +125,7 @@ class AnalyzerSender:
         return (len(queue.items) >= self._batch_max or queue.bytes >= self._config.batch_max_bytes
                 or queue.packets * 2 >= queue.max_packets or queue.bytes * 2 >= queue.max_bytes)
 
-    def retarget(self, name: str, url: str, mode: str) -> None:
+    def retarget(self, name: str, url: str, mode: str, compression: str) -> None:
         """The slot has a new analyzer, or a new url or mode: queued packets go there from the next batch on.
 
         Requests already in flight finish against the old address; what this sender knew of the
@@ -131,6 +134,7 @@ class AnalyzerSender:
         self.name = name
         self.url = url.rstrip("/")
         self.mode = mode
+        self.compression = compression
         self._batch_max = self._config.batch_max_packets if mode == "batch" else 1
         self._linger = self._config.batch_linger if mode == "batch" else 0.0
         self._log = RateLimitedLog(log, name)
@@ -325,6 +329,9 @@ class AnalyzerSender:
             url = self.url + "/ingest"
             body = batch[0][0]
             headers = {"Content-Type": "application/json"}
+        if self.compression != "none":
+            body = await compressed(body, self.compression)
+            headers["Content-Encoding"] = self.compression
         try:
             async with self._session.post(url, data=body, headers=headers) as response:
                 await response.read()

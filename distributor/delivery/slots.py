@@ -3,7 +3,7 @@
 A slot is a row of the shared table (its definition, state and epoch base) and
 a column of every worker's counters. The supervisor assigns slots; workers
 follow the ``incarnation`` cell: a new incarnation means "a different analyzer
-(or a new url/mode) from now on", so they reset what they knew of the slot
+(or a new url, mode or compression) from now on", so they reset what they knew of the slot
 (ejection, consecutive failures) and point its sender at the new address.
 
 A removed analyzer's slot is reused only once nothing refers to it: no worker
@@ -47,6 +47,7 @@ class Slot:
     name: str
     url: str
     mode: str
+    compression: str
     incarnation: int
     live: bool = True
     removed_generation: int = -1  # table generation that published its removal (-1: not yet published)
@@ -123,20 +124,21 @@ class SlotAllocator:
             analyzer = definitions[name]
             slot = self._slots[index]
             if slot is not None and slot.live and slot.name == name:
-                if (slot.url, slot.mode) != (analyzer.url, analyzer.mode):
-                    slot.url, slot.mode = analyzer.url, analyzer.mode
+                if (slot.url, slot.mode, slot.compression) != (analyzer.url, analyzer.mode, analyzer.compression):
+                    slot.url, slot.mode, slot.compression = analyzer.url, analyzer.mode, analyzer.compression
                     slot.incarnation += 1
                     renewed.add(index)
                 continue
             if slot is None:
-                slot = self._slots[index] = Slot(index, name, analyzer.url, analyzer.mode, incarnation=1)
+                slot = self._slots[index] = Slot(index, name, analyzer.url, analyzer.mode, analyzer.compression,
+                                                 incarnation=1)
             else:
                 slot.incarnation += 1
                 if slot.name != name or slot.superseded:  # its history is another name's, or counted elsewhere
                     slot.baseline = self._totals(index)
                     slot.carried = [0] * len(COUNTER_NAMES)
             self._carry(name, slot)
-            slot.name, slot.url, slot.mode = name, analyzer.url, analyzer.mode
+            slot.name, slot.url, slot.mode, slot.compression = name, analyzer.url, analyzer.mode, analyzer.compression
             slot.live, slot.removed_generation, slot.superseded = True, -1, False
             renewed.add(index)
         return renewed

@@ -17,22 +17,32 @@ been accepted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
-from distributor.ingest.contract import ContractError, parse_packet
+from distributor.ingest.contract import ContractError, PacketInfo, parse_packet
 from distributor.ingest.http11 import Pending, Request, Response, json_error
 from distributor.ingest.refusal import Refusal, invalid
 from distributor.shared_table import W_REJECTED_INVALID
 
-if TYPE_CHECKING:
-    from distributor.ingest.app import IngestApp
-
 CAPACITY = (429, 503)
 
 
-def handle_batch(app: "IngestApp", request: Request, body: bytes) -> Response | Pending:
+class Admitter(Protocol):
+    """The ingest app, as a batch sees it."""
+
+    max_batch_packets: int
+    max_messages: int
+    ints: memoryview
+    row: int
+
+    def admit(self, raw: bytes, packet: PacketInfo) -> Refusal | None: ...
+
+    def answer(self, request: Request, response: Response, accepted: int) -> Response | Pending: ...
+
+
+def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pending:
     lines = body.split(b"\n")
     if len(lines) > app.max_batch_packets and sum(1 for line in lines if line.strip()) > app.max_batch_packets:
         return json_error(413, "batch_too_large", f"more than max_batch_packets={app.max_batch_packets} packets")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import zlib
 from typing import Callable, Protocol
 
-import pyzstd
 
+from distributor.delivery.compression import zstd
 from distributor.ingest.http11 import Response, json_error
 
 ENCODINGS = ("gzip", "zstd", "identity")
@@ -47,7 +47,7 @@ def decoded_body(body: bytes, encoding: bytes | None, max_bytes: int) -> bytes:
     if name in (b"gzip", b"x-gzip"):
         return _inflate(body, max_bytes, "gzip", lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), zlib.error)
     if name == b"zstd":
-        return _inflate(body, max_bytes, "zstd", pyzstd.ZstdDecompressor, pyzstd.ZstdError)
+        return _inflate(body, max_bytes, "zstd", zstd.ZstdDecompressor, zstd.ZstdError)
     raise BodyError(json_error(415, "unsupported_encoding", f"Content-Encoding {encoding.decode('latin-1')!r} is "
                                f"not supported; use one of {', '.join(ENCODINGS)}"))
 

@@ -131,7 +131,7 @@ class IngestWorker:
                 self.incarnations[slot] = row.incarnation
                 self.ejected_at.pop(slot, None)
                 if app.senders[slot] is not None:
-                    app.senders[slot].retarget(row.name, row.url, row.mode)  # type: ignore[union-attr]
+                    app.senders[slot].retarget(row.name, row.url, row.mode, row.compression)  # type: ignore[union-attr]
             elif slot in self.ejected_at and row.admissions > self.ejected_at[slot]:
                 del self.ejected_at[slot]
             self.admissions[slot] = row.admissions
@@ -144,7 +144,7 @@ class IngestWorker:
                                     app.totals)
                 created = AnalyzerSender(
                     slot, row.name, row.url, row.mode, queue, self.config.sender, self.config.outlier,
-                    self.session, self.ints, cell, self, self.wal,
+                    self.session, self.ints, cell, self, self.wal, row.compression,
                 )
                 created.start()
                 app.queues[slot] = queue

@@ -41,7 +41,8 @@ def test_saved_state_loads_back(tmp_path: Path) -> None:
     assert load_state(path, RULES) == state
     assert json.loads(Path(path).read_text()) == {
         "weights": {"a1": 5.0}, "drained": ["a2"], "removed": ["a4"],
-        "added": [{"name": "a3", "url": "http://127.0.0.1:9003", "weight": 2.0, "mode": "packet"}],
+        "added": [{"name": "a3", "url": "http://127.0.0.1:9003", "weight": 2.0, "mode": "packet",
+                   "compression": "none"}],
     }
 
 
