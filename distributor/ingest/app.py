@@ -4,7 +4,10 @@ read request -> (inflate) -> parse with orjson -> validate -> admit (rate limit,
 shed, log, route) -> enqueue the raw bytes -> answer. Everything here is
 synchronous and allocation-light; the counters it bumps are cells of this
 worker's row in the shared table. ``POST /ingest/batch`` (``batch.py``) admits
-each line of an NDJSON body the same way.
+each line of an NDJSON body the same way, ``POST /v1/logs`` (``otlp.py``) each
+OTLP ResourceLogs. With tracing on, a sampled request runs through ``_traced``;
+an unsampled one, or any with tracing off, pays one attribute check per request
+and one per admitted packet.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from distributor.ingest.batch import handle_batch
 from distributor.ingest.contract import ContractError, PacketInfo, parse_packet
 from distributor.ingest.encoding import BodyError, decoded_body
 from distributor.ingest.http11 import Pending, Request, Response, json_error
+from distributor.ingest.otlp import OTLP_PATH, error_response, handle_otlp
 from distributor.ingest.overload import LoopLagGuard
 from distributor.ingest.ratelimit import RateLimiter
 from distributor.ingest.refusal import Refusal, invalid
 from distributor.delivery.routing import NO_ANALYZER, Router
 from distributor.delivery.queue import NO_REF, PacketQueue, QueueTotals
 from distributor.delivery.sender import AnalyzerSender
+from distributor.tracing import RequestTrace, configure
 from distributor.wal.log import WorkerLog
 from distributor.shared_table import (
     C_NET_ROUTED_MESSAGES,
@@ -48,7 +53,7 @@ from distributor.shared_table import (
 INGEST_PATH = b"/ingest"
 BATCH_PATH = b"/ingest/batch"
 HEALTH_PATH = b"/healthz"
-PACKET_PATHS = (INGEST_PATH, BATCH_PATH)
+PACKET_PATHS = (INGEST_PATH, BATCH_PATH, OTLP_PATH)
 _ALLOW_POST = ((b"allow", b"POST"),)
 _ALLOW_GET = ((b"allow", b"GET, HEAD"),)
 _HEALTHY = Response(200, b'{"status":"ok"}')
@@ -56,7 +61,7 @@ _BUCKET_BOUNDS_NS = tuple(bound * 1e9 for bound in LATENCY_BUCKETS[:-1])
 
 
 class IngestApp:
-    """HttpApp for ``POST /ingest``, ``POST /ingest/batch`` and ``GET /healthz``."""
+    """HttpApp for ``POST /ingest``, ``POST /ingest/batch``, ``POST /v1/logs`` and ``GET /healthz``."""
 
     def __init__(self, config: Config, router: Router, table: SharedTable, worker_slot: int) -> None:
         self.max_messages = config.ingest.max_messages_per_packet
@@ -88,6 +93,8 @@ class IngestApp:
         self.wal: WorkerLog | None = None  # set by the worker when the write-ahead log is on
         self._turn_number = -1  # the log turn that self._turn's answers wait for
         self._turn: list[tuple[Pending, Response, int]] = []
+        self.tracer = configure(config.tracing.sample_ratio, config.tracing.endpoint, worker_slot)
+        self.trace: RequestTrace | None = None  # the sampled request being handled, if any
 
     def preflight(self, method: bytes, path: bytes, content_length: int | None) -> Response | None:
         if path in PACKET_PATHS:
@@ -99,28 +106,49 @@ class IngestApp:
                 return None
             return _with_headers(json_error(405, "method_not_allowed", "use GET /healthz"), _ALLOW_GET)
         return json_error(404, "not_found", f"no route for {path.decode('latin-1')}; packets go to POST /ingest "
-                          "or POST /ingest/batch")
+                          "or POST /ingest/batch, OTLP logs to POST /v1/logs")
 
     def handle(self, request: Request) -> Response | Pending:
         path = request.path
         if path == HEALTH_PATH:
             return _HEALTHY
-        if self.guard.shedding:  # the CPU is saturated: the cheapest possible answer, before any parsing
+        if self.guard.share and self.guard.refuse():  # the CPU is saturated: the cheapest answer, before parsing
             self.ints[self.row + W_LAG_SHED] += 1
             return self._lag_refusal
+        if self.tracer is not None and self.trace is None:  # the one check when tracing is off
+            trace = self.tracer.begin(path.decode("latin-1"), request.header, path == INGEST_PATH)
+            if trace is not None:
+                return self._traced(request, trace)
         started = perf_counter_ns()
         ints, row = self.ints, self.row
         ints[row + W_REQUESTS] += 1
         try:
             body = decoded_body(request.body, request.header(b"content-encoding"), self.max_body_bytes)
         except BodyError as exc:
-            response: Response | Pending = exc.response
+            response: Response | Pending = error_response(request, exc.response) if path == OTLP_PATH else exc.response
         else:
-            response = self._single(request, body) if path == INGEST_PATH else handle_batch(self, request, body)
+            if path == INGEST_PATH:
+                response = self._single(request, body)
+            elif path == BATCH_PATH:
+                response = handle_batch(self, request, body)
+            else:
+                response = handle_otlp(self, request, body)
         elapsed = perf_counter_ns() - started
         ints[row + W_LATENCY_SUM_NS] += elapsed
         ints[row + W_LATENCY_BUCKETS + bisect_left(_BUCKET_BOUNDS_NS, elapsed)] += 1
         return response
+
+    def _traced(self, request: Request, trace: RequestTrace) -> Response | Pending:
+        """A sampled request: handled as any other, its packets and answer recorded on its spans."""
+        self.trace = trace
+        status = 500  # what the server answers if handling raises
+        try:
+            response = self.handle(request)
+            status = response.status if isinstance(response, Response) else 0  # 0: answered once durable
+            return response
+        finally:
+            self.trace = None
+            trace.finish(status)
 
     def _single(self, request: Request, body: bytes) -> Response | Pending:
         """``POST /ingest``: one packet; 202, or the refusal as the answer."""
@@ -133,6 +161,8 @@ class IngestApp:
                                                       "field": exc.field}))
         refused = self.admit(body, packet)
         if refused is not None:
+            if self.trace is not None:
+                self.trace.packet(None, packet, "", refused.error)
             return refused.response()
         accepted = Response(202, orjson.dumps({"status": "accepted", "packet_id": packet.packet_id}))
         return self.answer(request, accepted, 1)
@@ -161,6 +191,8 @@ class IngestApp:
             retry_after = self.overload_retry_after() if self._router.slots else self._retry_after
             return Refusal(503, "no_capacity", "no analyzer can take the packet now; retry later", retry_after)
         self.enqueue(slot, raw, packet.messages, NO_REF if wal is None else wal.append(raw, packet.messages))
+        if self.trace is not None:
+            self.trace.packet(raw, packet, self.senders[slot].name, "accepted")  # type: ignore[union-attr]
         return None
 
     def answer(self, request: Request, response: Response, accepted: int) -> Response | Pending:

@@ -2,12 +2,14 @@
 
 A worker that takes more work than its core can do does not fail: it gets
 slower, and every answer waits behind every other in the loop. Like Envoy's
-overload manager, the worker measures how late a 5 ms timer fires. Once it is
-later than ``ingest.max_loop_lag`` on ``SUSTAIN`` probes in a row, new packets
-get a cheap prebuilt 503 + Retry-After (no JSON parsing, no routing) until the
-lateness stays under half the threshold for as many probes. Requiring a run of
-late probes keeps a single pause (a garbage collection, a neighbour's burst)
-from refusing anything.
+overload manager, the worker measures how late a 5 ms timer fires, and past
+``ingest.max_loop_lag`` it refuses a growing share of new packets with a cheap
+prebuilt 503 + Retry-After (no JSON parsing, no routing): a quarter more for
+every late probe in a row after the first, so one pause (a garbage collection,
+a neighbour's burst) refuses nothing and a sustained overload sheds everything
+within 25 ms; the share falls by a tenth for every probe back under half the
+threshold. Shedding a share, not all or nothing, keeps the worker near its
+capacity while the lag stays bounded.
 """
 
 from __future__ import annotations
@@ -15,25 +17,35 @@ from __future__ import annotations
 import asyncio
 
 PROBE_INTERVAL = 0.005
-SUSTAIN = 3  # probes in a row on the same side of the threshold before admission changes
+STEP_UP, STEP_DOWN = 0.25, 0.1
 
 
 class LoopLagGuard:
-    """Measures the loop's lag with a periodic timer; ``shedding`` says whether to refuse new packets."""
+    """Measures the loop's lag with a periodic timer; ``share`` of new packets to refuse, 0 to 1."""
 
-    __slots__ = ("shedding", "_peak", "_threshold", "_over", "_under", "_loop", "_expected")
+    __slots__ = ("share", "_credit", "_peak", "_threshold", "_late_run", "_loop", "_expected")
 
     def __init__(self, max_lag: float) -> None:
-        self.shedding = False
+        self.share = 0.0
+        self._credit = 0.0  # error diffusion: refusals owed so far, so exactly `share` of packets are refused
         self._peak = 0.0
         self._threshold = max_lag  # 0: off (the lag is still measured)
-        self._over = self._under = 0
+        self._late_run = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._expected = 0.0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._schedule()
+
+    def refuse(self) -> bool:
+        """Whether to refuse this packet (call only while ``share`` is not 0)."""
+        credit = self._credit + self.share
+        if credit >= 1.0:
+            self._credit = credit - 1.0
+            return True
+        self._credit = credit
+        return False
 
     def take_peak(self) -> float:
         """The largest lag seen since the last call (for the worker's heartbeat and /metrics)."""
@@ -53,13 +65,11 @@ class LoopLagGuard:
         threshold = self._threshold
         if threshold:
             if late > threshold:
-                self._over += 1
-                self._under = 0
-                if self._over >= SUSTAIN:
-                    self.shedding = True
-            elif late < threshold / 2:
-                self._under += 1
-                self._over = 0
-                if self._under >= SUSTAIN:
-                    self.shedding = False
+                self._late_run += 1
+                if self._late_run > 1:
+                    self.share = min(1.0, self.share + STEP_UP)
+            else:
+                self._late_run = 0
+                if late < threshold / 2 and self.share:
+                    self.share = max(0.0, self.share - STEP_DOWN)
         self._schedule()

@@ -6,6 +6,10 @@ per-packet JSON serialization (message arrays are pre-serialized pools, packets
 are assembled as bytes) and no HTTP client library (one ``asyncio.Protocol`` per
 connection, responses parsed by httptools).
 
+A request carries one packet (``POST /ingest``) or, with ``batch``, that many
+NDJSON lines (``POST /ingest/batch``; accepted packets are counted from the
+answer's ``accepted`` and ``rejected`` lines), optionally gzip or zstd.
+
 Two modes: closed loop (``rate=None``: each connection sends its next request as
 soon as the previous is answered) and open loop (``rate``: requests have fixed
 scheduled send times and latency is measured from the *scheduled* time, so a
@@ -33,100 +37,14 @@ import httptools
 import orjson
 import uvloop
 
+from distributor.delivery.compression import COMPRESSORS
+from distributor.tools.latency import LatencyHistogram
+
 REQUEST_TIMEOUT = 5.0  # seconds; an unanswered request past this is an error
 DRAIN_TIMEOUT = 5.0  # seconds to wait for in-flight answers after `duration`
 RETRY_AFTER_CAP = 1.0
 POOL_PER_SIZE = 64  # distinct pre-serialized message arrays per packet size
 CYCLE = 4096  # length of the pre-drawn size/priority sequences
-
-# --------------------------------------------------------------------------- latency
-
-
-class LatencyHistogram:
-    """Log-linear histogram of seconds: 1 µs .. 60 s, < 0.8% bucket width, O(1) record, mergeable.
-
-    HDR-style: values are integer microseconds; below 256 µs every value has its
-    own bucket, above that each power of two is split into 128 linear buckets,
-    so the relative bucket width is at most 1/128 whatever the magnitude.
-    """
-
-    SUB = 128
-    LINEAR = 2 * SUB
-    MAX_US = 60_000_000
-    __slots__ = ("counts", "count", "total", "min", "max")
-
-    def __init__(self) -> None:
-        self.counts: list[int] = [0] * (self._index(self.MAX_US) + 1)
-        self.count = 0
-        self.total = 0.0
-        self.min = float("inf")
-        self.max = 0.0
-
-    @classmethod
-    def _index(cls, us: int) -> int:
-        if us < cls.LINEAR:
-            return us
-        shift = us.bit_length() - 8
-        return cls.LINEAR + (shift - 1) * cls.SUB + (us >> shift) - cls.SUB
-
-    @classmethod
-    def _bounds(cls, index: int) -> tuple[int, int]:
-        """[low, high) in µs of a bucket."""
-        if index < cls.LINEAR:
-            return index, index + 1
-        j = index - cls.LINEAR
-        shift = j // cls.SUB + 1
-        mantissa = j % cls.SUB + cls.SUB
-        return mantissa << shift, (mantissa + 1) << shift
-
-    def record(self, seconds: float) -> None:
-        us = int(seconds * 1e6)
-        if us > self.MAX_US:
-            us = self.MAX_US
-        elif us < 1:
-            us = 1
-        if us < 256:
-            self.counts[us] += 1
-        else:
-            shift = us.bit_length() - 8
-            self.counts[shift * 128 + (us >> shift)] += 1  # == _index(us), inlined
-        self.count += 1
-        self.total += seconds
-        if seconds > self.max:
-            self.max = seconds
-        if seconds < self.min:
-            self.min = seconds
-
-    def percentile(self, q: float) -> float:
-        """Value (seconds) at or below which q percent of the recorded values fall; 0.0 if empty."""
-        if self.count == 0:
-            return 0.0
-        rank = max(1, min(self.count, -int(-q * self.count // 100)))  # ceil(q% of count)
-        seen = 0
-        for index, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                low, high = self._bounds(index)
-                value = (low + high) / 2e6
-                return min(max(value, self.min), self.max)
-        return self.max
-
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
-
-    def summary_ms(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean() * 1e3, "p50": self.percentile(50) * 1e3,
-                "p90": self.percentile(90) * 1e3, "p99": self.percentile(99) * 1e3,
-                "p99.9": self.percentile(99.9) * 1e3, "max": self.max * 1e3}
-
-    def merge(self, other: LatencyHistogram) -> None:
-        """Add other's values into this one (e.g. histograms of several runs or processes)."""
-        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
-        self.count += other.count
-        self.total += other.total
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-
 
 # --------------------------------------------------------------------------- spec and stats
 
@@ -145,6 +63,8 @@ class LoadSpec:
     honour_retry_after: bool = False
     record_accepted: bool = False
     emitter_prefix: str = "agent"       # emitter ids are <prefix>-<n>: separate loads, separate emitters
+    batch: int = 0                      # packets per request to POST /ingest/batch (0: one packet per POST /ingest)
+    encoding: str = ""                  # "gzip" or "zstd" request bodies (empty: plain)
 
 
 @dataclass
@@ -290,6 +210,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[int] | None = None
         self.retry_after: bytes | None = None
+        self.body: list[bytes] | None = None  # the answer's body, kept only when asked for (batch answers)
         self.sent_at = 0.0
         self.closed = False
         self.timed_out = False
@@ -303,8 +224,9 @@ class _Connection(asyncio.Protocol):
             except OSError:
                 pass
 
-    def request(self, data: bytes) -> asyncio.Future[int]:
+    def request(self, data: bytes, keep_body: bool = False) -> asyncio.Future[int]:
         self.retry_after = None
+        self.body = [] if keep_body else None
         self.waiter = waiter = self.loop.create_future()
         self.sent_at = time.monotonic()
         self.transport.write(data)  # type: ignore[union-attr]
@@ -320,6 +242,10 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 11 and name.lower() == b"retry-after":
             self.retry_after = value
+
+    def on_body(self, data: bytes) -> None:
+        if self.body is not None:
+            self.body.append(data)
 
     def on_message_complete(self) -> None:
         if not self.parser.should_keep_alive():
@@ -344,6 +270,12 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort() if abort else self.transport.close()
+
+
+def _rejected_lines(body: list[bytes] | None) -> set[int]:
+    """The line numbers a batch answer refused (the rest were accepted)."""
+    answer = orjson.loads(b"".join(body or ()))
+    return {item["line"] for item in answer["rejected"]}
 
 
 def _retry_after_seconds(value: bytes | None) -> float:
@@ -371,9 +303,17 @@ class _Run:
         self.stats = stats
         self.host = url.hostname
         self.port = url.port or 80
-        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self.head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                     "Content-Type: application/json\r\nContent-Length: ").encode()
+        path = url.path or "/"
+        if spec.batch and path.rstrip("/").endswith("/ingest"):
+            path = path.rstrip("/") + "/batch"
+        path += f"?{url.query}" if url.query else ""
+        if spec.encoding not in ("", "gzip", "zstd"):
+            raise ValueError(f"encoding must be gzip or zstd, got {spec.encoding!r}")
+        self.compress = COMPRESSORS[spec.encoding] if spec.encoding else None
+        self.head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: "
+                     + ("application/x-ndjson" if spec.batch else "application/json")
+                     + (f"\r\nContent-Encoding: {spec.encoding}" if spec.encoding else "")
+                     + "\r\nContent-Length: ").encode()
         self.factory = PacketFactory(spec.sizes, spec.emitters, spec.priorities, emitter_prefix=spec.emitter_prefix)
         self.loop = asyncio.get_running_loop()
         self.interval = 1.0 / spec.rate if spec.rate else 0.0
@@ -426,8 +366,11 @@ class _Run:
                     stats.reconnects += 1
                 if not open_loop:
                     begin = monotonic()
-            body, emitter, seq, n = factory.next()
-            waiter = conn.request(b"".join((head, b"%d\r\n\r\n" % len(body), body)))
+            lines = [factory.next() for _ in range(spec.batch or 1)]
+            body = b"\n".join(line[0] for line in lines) if spec.batch else lines[0][0]
+            if self.compress is not None:
+                body = self.compress(body)
+            waiter = conn.request(b"".join((head, b"%d\r\n\r\n" % len(body), body)), keep_body=bool(spec.batch))
             stats.sent += 1
             try:
                 status = await waiter
@@ -443,11 +386,15 @@ class _Run:
             stats.service.record(now - conn.sent_at)
             by_status = stats.by_status
             by_status[status] = by_status.get(status, 0) + 1
-            if status == 202:
-                stats.accepted_packets += 1
-                stats.accepted_messages += n
-                if record:
-                    stats.accepted.append((factory.emitter_ids[emitter], factory.packet_id(emitter, seq), n))
+            if status == 202 or (status == 200 and spec.batch):
+                rejected = _rejected_lines(conn.body) if spec.batch else set()
+                for index, (_, emitter, seq, n) in enumerate(lines):
+                    if index in rejected:
+                        continue
+                    stats.accepted_packets += 1
+                    stats.accepted_messages += n
+                    if record:
+                        stats.accepted.append((factory.emitter_ids[emitter], factory.packet_id(emitter, seq), n))
             elif honour and (status == 429 or status == 503):
                 wait = _retry_after_seconds(conn.retry_after)
                 if now + wait >= self.end:
@@ -535,11 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--priorities", type=lambda s: _pairs(s, str), default=(),
                         help="e.g. high:0.1,normal:0.8,low:0.1 (default: field omitted)")
     parser.add_argument("--honour-retry-after", action="store_true", help="wait Retry-After (<= 1 s) after 429/503")
+    parser.add_argument("--batch", type=int, default=0, help="packets per POST /ingest/batch request (default 0: "
+                        "one packet per POST /ingest)")
+    parser.add_argument("--encoding", choices=("gzip", "zstd"), default="", help="compress the request bodies")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     spec = LoadSpec(url=args.url, duration=args.duration, connections=args.connections, rate=args.rate or None,
                     sizes=args.sizes, emitters=args.emitters, priorities=args.priorities,
-                    honour_retry_after=args.honour_retry_after)
+                    honour_retry_after=args.honour_retry_after, batch=args.batch, encoding=args.encoding)
     result = summary(uvloop.run(run_load(spec)))
     if args.json:
         print(json.dumps(result, indent=2))

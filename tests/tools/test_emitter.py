@@ -284,3 +284,18 @@ def test_cli_prints_a_json_summary(make_server: Callable[..., IngestServer], cap
     assert result["packets_per_s"] > 0 and result["latency_ms"]["p99"] >= result["latency_ms"]["p50"]
     assert main(["--url", server.url, "--duration", "0.2", "--connections", "2"]) == 0
     assert "packets/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("encoding", ["", "gzip", "zstd"])
+def test_batch_mode_counts_the_lines_a_real_distributor_took(make_cluster: Callable[..., Any], encoding: str) -> None:
+    """--batch N posts N packets per request to /ingest/batch; accepted = lines minus the rejected ones."""
+    cluster = make_cluster(analyzers=(("a1", 1.0),), distributor_args=["--set", "rate_limit.rate=200",
+                                                                       "--set", "rate_limit.burst=200"])
+    spec = LoadSpec(url=cluster.ingest_url, duration=1.0, connections=2, batch=25, encoding=encoding, emitters=1,
+                    record_accepted=True)
+    stats = uvloop.run(run_load(spec))
+    assert stats.by_status.get(200, 0) >= 1
+    assert 0 < stats.accepted_packets < 25 * sum(stats.by_status.values()), "the rate limit refused some lines"
+    cluster.wait_drained()
+    received = set(cluster.analyzer_procs[0].packet_keys())
+    assert {(emitter, pid) for emitter, pid, _ in stats.accepted} == received
