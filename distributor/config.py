@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import stat
 import re
 import tomllib
 import types
@@ -59,7 +60,7 @@ class Address:
     @classmethod
     def parse(cls, text: str, what: str) -> "Address":
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
         return cls(host.strip("[]"), int(port))
 
@@ -615,12 +616,23 @@ def _plain(annotation: Any) -> Any:
     return annotation
 
 
-def load_toml(path: str | Path) -> Config:
+def read_regular_file(path: str | Path, what: str) -> bytes:
+    """The bytes of a configuration-like file; a FIFO or a device would block or never end, so it is refused."""
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise ConfigError(f"{what}: {path} is not a regular file")
+            return fh.read()
     except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def load_toml(path: str | Path) -> Config:
+    raw = read_regular_file(path, "--config")
+    try:
+        data = tomllib.loads(raw.decode())
+    except RecursionError:
+        raise ConfigError(f"--config: {path} nests tables or arrays too deeply") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config: {path} is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}") \
             from None

@@ -22,7 +22,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import psutil
 
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
-from distributor.ingest.listener import claim_port
+from distributor.ingest.listener import PortClaim, claim_port
 from distributor.shared_table import W_HEARTBEAT, W_PID, W_READY, W_STATE, W_WAL_STATE, WAL_AVAILABLE, SharedTable
 from distributor.workers.ingest_worker import CONFIG_ENV
 
@@ -50,6 +49,9 @@ WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format",
                    "outlier", "overload", "rate_limit")
 # the WAL too: a worker rolled onto another directory would leave the old one's packets behind
 RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal")
+# settings the supervisor reads: a reload applies them at once (analyzers are reported by the analyzer set)
+SUPERVISOR_SETTINGS = ("worker_timeout", "max_worker_memory_mb", "health", "admin")
+STALE_HEARTBEAT = 2.0  # seconds: a worker whose loop has not stamped since is not counted as serving
 
 
 class SignalInbox:
@@ -104,7 +106,7 @@ class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
-        self._port_claim: socket.socket | None = claim_port(config.listen, config.allow_shared_port)
+        self._port_claim: PortClaim | None = claim_port(config.listen, config.allow_shared_port)
         self.table = SharedTable.create(max_workers=config.workers, rate_limit_slots=config.rate_limit.slots)
         try:
             self.analyzers = AnalyzerSet(self.table, config)
@@ -198,8 +200,7 @@ class Supervisor:
             process = handle.process
             if process is None or not handle.alive or handle.kill_reason.startswith(("not ready", "event loop")):
                 continue
-            assert handle.config is not None
-            timeout = handle.config.worker_timeout
+            timeout = self.config.worker_timeout
             if self._row(handle, W_PID) != process.pid:
                 if not handle.ready and now - handle.spawned_at > timeout:
                     self._kill(handle, f"not ready within worker_timeout={timeout:g}s")
@@ -268,9 +269,13 @@ class Supervisor:
                 return
 
     def serving(self) -> list[WorkerHandle]:
-        """Workers that accept packets now: ready, not stopping or being replaced, their log (if on) writable."""
+        """Workers that accept packets now: ready, not stopping or being replaced, their loop alive (a fresh
+        heartbeat), their log (if on) writable."""
+        fresh = time.monotonic() - STALE_HEARTBEAT
+        floats = self.table.floats
         return [h for h in self.workers if h.alive and h.ready and not h.retiring
                 and self._row(h, W_STATE) == W_READY
+                and floats[self.table.worker_base(h.slot) + W_HEARTBEAT] > fresh
                 and (not self.config.wal.dir or self._row(h, W_WAL_STATE) == WAL_AVAILABLE)]
 
     def all_ready(self) -> bool:
@@ -289,16 +294,23 @@ class Supervisor:
             log.error("reload rejected, keeping the running configuration: %s", exc,
                       extra={"event": "reload_rejected"})
             return
+        except Exception as exc:  # whatever a file can do to a parser: rejected, never the end of the supervisor
+            log.exception("reload rejected, keeping the running configuration: %s: %s", exc.__class__.__name__, exc,
+                          extra={"event": "reload_rejected"})
+            return
         old = self.config
         restart_only = [key for key in RESTART_SETTINGS if getattr(new, key) != getattr(old, key)]
         if restart_only:
             log.warning("reload: %s take effect at the next start only", ", ".join(restart_only),
                         extra={"event": "reload_needs_restart", "keys": restart_only})
         self.config = replace(new, **{key: getattr(old, key) for key in RESTART_SETTINGS})
-        changed = _changed_worker_settings(old, self.config)
-        if changed:
-            log.info("reload: rolling %d workers one at a time to apply %s", len(self.workers), ", ".join(changed),
-                     extra={"event": "reload_rolling", "keys": changed})
+        rolled = changed_settings(old, self.config, WORKER_SETTINGS)
+        applied = changed_settings(old, self.config, SUPERVISOR_SETTINGS)
+        if applied:
+            log.info("reload: applied now: %s", ", ".join(applied), extra={"event": "reload_applied", "keys": applied})
+        if rolled:
+            log.info("reload: rolling %d workers one at a time to apply %s", len(self.workers), ", ".join(rolled),
+                     extra={"event": "reload_rolling", "keys": rolled})
             self._to_roll = [h.slot for h in self.workers]
         log.info("reloaded: %s", ", ".join(f"{a.name}@{a.weight:g}" for a in self.analyzers.definitions.values()),
                  extra={"event": "reloaded"})
@@ -309,11 +321,15 @@ class Supervisor:
         """One pass of the arbiter's duties; each step's failure is contained."""
         for step in (self.reap, self.watch, self.check_memory, self.roll, self.analyzers.collect_ejections,
                      self.analyzers.publish, self._watch_checks):
-            try:
-                step()
-            except Exception:
-                log.exception("supervisor step %s failed; continuing", getattr(step, "__name__", step),
-                              extra={"event": "supervisor_step_failed"})
+            self._contained(step)
+
+    @staticmethod
+    def _contained(step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("supervisor step %s failed; continuing", getattr(step, "__name__", step),
+                          extra={"event": "supervisor_step_failed"})
 
     def _watch_checks(self) -> None:
         """The health checker runs for the supervisor's whole life; restart it if it ever ends."""
@@ -342,7 +358,7 @@ class Supervisor:
         for handle in self.workers:
             self.spawn(handle)
         if signal.SIGHUP in early:
-            self.reload()
+            self._contained(self.reload)
         announced = False
         try:
             while not self._stopping:
@@ -354,7 +370,7 @@ class Supervisor:
                     log.info("received %s: stopping gracefully", signal.Signals(sig).name)
                     return
                 if sig == signal.SIGHUP:
-                    self.reload()
+                    self._contained(self.reload)
                 self.tick()
                 if not announced and self.all_ready():
                     announced = True
@@ -373,7 +389,7 @@ class Supervisor:
         """
         self._stopping = True
         for handle in self.workers:
-            if handle.alive:
+            if handle.alive and not handle.retiring:  # a retiring worker has its TERM: a second one would hurry it
                 assert handle.process is not None and handle.config is not None
                 handle.process.send_signal(signal.SIGTERM)
                 handle.stop_deadline = min(handle.stop_deadline,
@@ -408,11 +424,11 @@ class Supervisor:
                 process.wait()
 
 
-def _changed_worker_settings(old: Config, new: Config) -> list[str]:
-    """Dotted names of the worker settings that differ, e.g. ["rate_limit.rate", "ingest.max_body_bytes"]."""
+def changed_settings(old: Config, new: Config, keys: tuple[str, ...]) -> list[str]:
+    """Dotted names of the settings among ``keys`` that differ, e.g. ["rate_limit.rate", "worker_timeout"]."""
     before, after = old.to_dict(), new.to_dict()
     changed = []
-    for key in WORKER_SETTINGS:
+    for key in keys:
         if isinstance(before[key], dict):
             changed += [f"{key}.{k}" for k in before[key] if before[key][k] != after[key][k]]
         elif before[key] != after[key]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from distributor.delivery.analyzer_set import UnknownAnalyzer
+from distributor.delivery.analyzer_set import StateNotSaved, UnknownAnalyzer
 from distributor.delivery.slots import SlotsBusy
 from distributor.config import ConfigError, check_weight, parse_analyzer
 
@@ -72,6 +72,8 @@ class AdminApi:
                 return error(404, "unknown_analyzer", f"no analyzer named {exc.args[0]!r}")
             except ConfigError as exc:
                 return error(400, "invalid_change", str(exc))
+            except StateNotSaved as exc:
+                return error(500, "state_not_saved", str(exc))
 
         return guarded
 

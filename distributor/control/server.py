@@ -109,12 +109,30 @@ def analyzers_view(supervisor: "Supervisor") -> list[dict[str, Any]]:
 
 
 class WorkerSampler:
-    """psutil samples of worker processes; keeps Process objects so cpu_percent has a baseline."""
+    """psutil samples of worker processes, at most one per second per process.
+
+    Reading USS walks /proc/<pid>/smaps: on the supervisor's loop, a scrape storm on an
+    unauthenticated endpoint must not turn into that much work, so a sample younger than
+    ``MAX_AGE`` is served again. Process objects are kept so cpu_percent has a baseline, and
+    dropped with their process.
+    """
+
+    MAX_AGE = 1.0
 
     def __init__(self) -> None:
         self._processes: dict[int, psutil.Process] = {}
+        self._samples: dict[int, tuple[float, dict[str, Any]]] = {}
+
+    def retain(self, pids: set[int]) -> None:
+        for pid in [pid for pid in self._processes if pid not in pids]:
+            del self._processes[pid]
+            self._samples.pop(pid, None)
 
     def sample(self, pid: int) -> dict[str, Any]:
+        now = time.monotonic()
+        cached = self._samples.get(pid)
+        if cached is not None and now - cached[0] < self.MAX_AGE:
+            return cached[1]
         process = self._processes.get(pid)
         try:
             if process is None:
@@ -123,7 +141,7 @@ class WorkerSampler:
             with process.oneshot():
                 memory = process.memory_full_info()
                 cpu = process.cpu_times()
-                return {
+                data = {
                     "rss_bytes": memory.rss,
                     "uss_bytes": memory.uss,
                     "cpu_percent": process.cpu_percent(None),
@@ -132,11 +150,15 @@ class WorkerSampler:
                 }
         except psutil.Error:
             self._processes.pop(pid, None)
+            self._samples.pop(pid, None)
             return {}
+        self._samples[pid] = (now, data)
+        return data
 
 
 def workers_view(supervisor: "Supervisor", sampler: WorkerSampler) -> list[dict[str, Any]]:
     table = supervisor.table
+    sampler.retain({h.process.pid for h in supervisor.workers if h.process is not None})
     view = []
     for handle in supervisor.workers:
         base = table.worker_base(handle.slot)

@@ -87,6 +87,9 @@ class AnalyzerSet:
             check_writable(config.admin.state_file)
         state = load_state(config.admin.state_file, config.analyzer_rules)
         definitions = state.apply(config.analyzers)
+        if config.admin.state_file and state == AdminState() and self.state != AdminState():
+            log.warning("admin.state_file %s is gone or empty: the admin changes it held are dropped, the "
+                        "configuration wins", config.admin.state_file, extra={"event": "state_file_missing"})
         plan = self.slots.plan(definitions)
         # validated and planned: from here on nothing can fail
         self.config, self.state = config, state
@@ -114,10 +117,9 @@ class AnalyzerSet:
                 if past is not None:  # a name's ejection and down counts never go back
                     health.ejections, health.downs = past.ejections, past.downs
             health.weight = analyzer.weight
-            health.draining = name in self.state.drained
+            health.draining = name in self.state.drained or name in self.removing  # a removal drains first
         self.definitions = dict(definitions)
-        shown = {slot.name for slot in self.slots.released() if not slot.superseded}
-        self.retired = {name: past for name, past in self.retired.items() if name in shown}  # bounded by the slots
+        self.retired = {name: past for name, past in self.retired.items() if self.slots.remembers(name)}
         self._write(renewed | weights_changed)
 
     # --- operator actions (admin API) ---------------------------------------------------------------

@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
 from distributor.config import HealthConfig, OutlierConfig
 from distributor.shared_table import ACTIVE, DOWN, EJECTED, ROUTABLE, SATURATED, STATE_NAMES, WARMING
 
 log = logging.getLogger("distributor.health")
+MAX_HEALTH_BODY = 64 << 10
 
 
 @dataclass(slots=True)
@@ -184,7 +186,17 @@ async def check(session: aiohttp.ClientSession, url: str, config: HealthConfig) 
     """One active check: GET {url}/health within health.timeout; never raises."""
     try:
         async with session.get(url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=config.timeout)) as r:
-            body = await r.json(content_type=None) if r.status == 200 else None
+            body = None
+            if r.status == 200:
+                raw = b""
+                while len(raw) <= MAX_HEALTH_BODY:  # a huge body must not cost the supervisor memory
+                    chunk = await r.content.read(MAX_HEALTH_BODY + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
+                if len(raw) > MAX_HEALTH_BODY:
+                    return CheckResult(False, False, f"bad /health body: more than {MAX_HEALTH_BODY} bytes")
+                body = orjson.loads(raw) if raw.strip() else None
             return judge(r.status, body, config)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
         return CheckResult(False, False, exc.__class__.__name__)

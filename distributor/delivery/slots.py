@@ -14,11 +14,14 @@ at zero (Prometheus sees a new series, never a decreasing one).
 
 Counters follow names, never go back: a name that comes back in another slot
 (its old one was not reusable yet) carries its old slot's counters with it,
-and that old slot is no longer shown.
+and that old slot is no longer shown; a removed name whose slot another name
+took keeps its counters aside (the last ``REMEMBERED_NAMES`` such names) for
+when it comes back.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -37,6 +40,7 @@ class SlotsBusy(ConfigError):
     """No free slot now, but removed analyzers' slots free up once every worker has caught up."""
 
 
+REMEMBERED_NAMES = 1024  # removed names whose counters are kept after their slot went to another name
 # gauges, not counters: never rebased
 GAUGES = frozenset((C_QUEUE_PACKETS, C_QUEUE_BYTES, C_QUEUE_MESSAGES))
 
@@ -62,6 +66,7 @@ class SlotAllocator:
     def __init__(self, table: SharedTable) -> None:
         self._table = table
         self._slots: list[Slot | None] = [None] * table.max_analyzers
+        self._kept: OrderedDict[str, list[int]] = OrderedDict()  # removed names' counters, oldest first
 
     def live(self, name: str) -> Slot | None:
         return next((s for s in self._slots if s is not None and s.live and s.name == name), None)
@@ -135,6 +140,8 @@ class SlotAllocator:
             else:
                 slot.incarnation += 1
                 if slot.name != name or slot.superseded:  # its history is another name's, or counted elsewhere
+                    if not slot.live and not slot.superseded and slot.name != name:
+                        self._keep(slot.name, self._own_totals(slot))
                     slot.baseline = self._totals(index)
                     slot.carried = [0] * len(COUNTER_NAMES)
             self._carry(name, slot)
@@ -144,12 +151,29 @@ class SlotAllocator:
         return renewed
 
     def _carry(self, name: str, into: Slot) -> None:
-        """The name's counters in a slot it left (not reusable yet) continue in ``into``; the old row hides."""
+        """The name's counters, from a slot it left (not reusable yet; that row hides) or kept aside, go on in
+        ``into``."""
+        carried = [self._kept.pop(name, None) or [0] * len(COUNTER_NAMES)]
         for old in self.released():
             if old.name == name and old is not into and not old.superseded:
-                totals = [self._totals(old.index)[c] - old.baseline[c] + old.carried[c] for c in range(len(COUNTER_NAMES))]
-                into.carried = [into.carried[c] + totals[c] for c in range(len(COUNTER_NAMES))]
+                carried.append(self._own_totals(old))
                 old.superseded = True
+        into.carried = [into.carried[c] + sum(part[c] for part in carried) for c in range(len(COUNTER_NAMES))]
+
+    def _own_totals(self, slot: Slot) -> list[int]:
+        """The counters the slot shows for its name (its column, net of the baseline, with what it carried)."""
+        totals = self._totals(slot.index)
+        return [totals[c] - slot.baseline[c] + slot.carried[c] for c in range(len(COUNTER_NAMES))]
+
+    def _keep(self, name: str, counters: list[int]) -> None:
+        self._kept[name] = counters
+        self._kept.move_to_end(name)
+        while len(self._kept) > REMEMBERED_NAMES:
+            self._kept.popitem(last=False)
+
+    def remembers(self, name: str) -> bool:
+        """Whether a removed name's counters are kept (shown in a removed row, or aside)."""
+        return name in self._kept or any(s.name == name and not s.superseded for s in self.released())
 
     def release(self, name: str) -> None:
         slot = self.live(name)

@@ -25,6 +25,7 @@ from distributor.config import (
     check_name,
     check_weight,
     parse_analyzer,
+    read_regular_file,
 )
 
 KEYS = ("weights", "drained", "added", "removed")
@@ -106,13 +107,9 @@ def load_state(path: str, rules: AnalyzerRules) -> AdminState:
     """
     if not path:
         return AdminState()
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return AdminState()
-    except OSError as exc:
-        raise ConfigError(f"admin.state_file: cannot read {path}: {exc.strerror}") from None
+    raw = read_regular_file(path, "admin.state_file")
     try:
         data = json.loads(raw.decode())
         return _parse(data, rules)
@@ -120,6 +117,8 @@ def load_state(path: str, rules: AnalyzerRules) -> AdminState:
         raise ConfigError(f"admin.state_file: {path}: not UTF-8 at byte offset {exc.start}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"admin.state_file: {path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"admin.state_file: {path}: nests too deeply") from None
     except ConfigError as exc:
         raise ConfigError(f"admin.state_file: {path}: {exc}") from None
 

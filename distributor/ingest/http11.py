@@ -18,9 +18,12 @@ paused, idle, linger) stop; a client that then reads nothing for ``idle_timeout`
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import math
 import socket
+import sys
+import termios
 import time
 import typing
 from collections import deque
@@ -171,6 +174,24 @@ _ERR_501_UPGRADE = json_error(501, "upgrade_not_supported", "protocol upgrade an
 _ERR_503_FULL = json_error(503, "too_many_connections", "connection limit reached; retry later", 1)
 
 
+def _unsent(transport: asyncio.Transport) -> int:
+    """Answer bytes the client has not read yet: our write buffer plus the kernel's send queue.
+
+    Only the sum shows a slow reader's progress: while the kernel queue (megabytes on loopback)
+    drains, our own buffer does not move at all. Read only for connections held by a slow
+    reader, once per sweep.
+    """
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            unsent += int.from_bytes(queued, sys.byteorder)
+        except OSError:
+            pass
+    return unsent
+
+
 def _date_line() -> bytes:
     return b"date: %s\r\n" % formatdate(usegmt=True).encode("ascii")
 
@@ -182,8 +203,8 @@ class _Conn(asyncio.Protocol):
         "_srv", "_app", "_stats", "_timeouts", "_t", "_parser", "_state", "deadline", "_max_body", "_max_head",
         "_url", "_headers", "_body", "_parts", "_body_len", "_head_len", "_head_raw", "_clen",
         "_chunked", "_expect", "_hosts", "_method", "_path", "_query", "_version", "_keep",
-        "_rejected", "_paused", "_pending", "_eof", "_counted", "_chunk_mark", "_held", "_check_at", "_unsent",
-        "_read_by", "_outbox",
+        "_rejected", "_paused", "_pending", "_eof", "_counted", "_chunk_mark", "_held", "_check_at", "_read_mark",
+        "_read_by", "_outbox", "_written",
     )  # fmt: skip
 
     def __init__(self, srv: HttpServer) -> None:
@@ -210,12 +231,13 @@ class _Conn(asyncio.Protocol):
         self._counted = False
         self._chunk_mark = 0
         # waiting on a slow reader: the client's clock time left, the sweeper look that is due, the
-        # fewest unsent bytes seen so far and when the client must have read more by
+        # answer bytes it had read at the last progress and when it must have read more by
         self._held = 0.0
         self._check_at = -_INF
-        self._unsent = 0
+        self._read_mark = 0
         self._read_by = _INF
         self._outbox: deque[Pending] | None = None  # answers waiting behind a deferred one, oldest first
+        self._written = 0  # answer bytes handed to the transport: minus what is unsent, what the client read
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -425,7 +447,11 @@ class _Conn(asyncio.Protocol):
             self._rejected = rejected  # nothing to skip: answer at message end, keep the connection
         elif self._expect and has_body and self._version == "1.1":
             self._emit(_CONTINUE, False)  # behind any answer still to come
-        self._state = _BODY
+        if self._chunked:  # from the first chunk-size line on, what is not chunk data is limited like a head
+            self._state = _CHUNKED
+            self._head_raw = self._chunk_mark = 0
+        else:
+            self._state = _BODY
         self.deadline = _RESTART
 
     def on_chunk_header(self) -> None:
@@ -523,6 +549,7 @@ class _Conn(asyncio.Protocol):
         if self._outbox:
             self._outbox.append(Pending(self, data, False))
         else:
+            self._written += len(data)
             self._t.write(data)  # type: ignore[union-attr]
 
     def _emit(self, data: bytes, close: bool) -> None:
@@ -533,6 +560,7 @@ class _Conn(asyncio.Protocol):
                 self._state = _CLOSING
                 self.deadline = _INF  # the linger starts once the queue is written
             return
+        self._written += len(data)
         self._t.write(data)  # type: ignore[union-attr]
         if close:
             self._linger()
@@ -562,7 +590,9 @@ class _Conn(asyncio.Protocol):
         if not outbox:
             self._outbox = None
         if ready:
-            t.write(ready[0] if len(ready) == 1 else b"".join(ready))
+            data = ready[0] if len(ready) == 1 else b"".join(ready)
+            self._written += len(data)
+            t.write(data)
         if close:
             self._state = _IDLE  # lets _linger run
             self._linger()
@@ -610,11 +640,11 @@ class _Conn(asyncio.Protocol):
         now = monotonic()
         if self.deadline != self._check_at:  # else already waiting: _held is set
             self._held = self.deadline - now
-        self._watch(typing.cast(asyncio.Transport, self._t).get_write_buffer_size(), now)
+        self._watch(self._written - _unsent(typing.cast(asyncio.Transport, self._t)), now)
 
-    def _watch(self, unsent: int, now: float) -> None:
-        """Look again next tick; the client has until idle_timeout from now to read some of `unsent`."""
-        self._unsent = unsent
+    def _watch(self, read: int, now: float) -> None:
+        """Look again next tick; the client has until idle_timeout from now to read more than `read` bytes."""
+        self._read_mark = read
         self._read_by = now + self._srv.limits.idle_timeout
         self.deadline = self._check_at = now + self._srv.tick
 
@@ -628,16 +658,17 @@ class _Conn(asyncio.Protocol):
             self.deadline = now + self._srv.tick
             return
         state, stats = self._state, self._stats
-        unsent = t.get_write_buffer_size()
+        unsent = _unsent(t)
         waiting = self.deadline == self._check_at
         if unsent and (self._paused or (state != _BODY and state != _CHUNKED)):
             # Answers wait for the client to read them, so its own clock stops (a body it is still
             # sending while we read is the exception); it only has to keep reading.
+            read = self._written - unsent  # what the client has read, however much more we keep writing
             if not waiting:
                 self._held = self._timeouts[state]  # when it started waiting is unknown: full time after
-                self._watch(unsent, now)
-            elif unsent < self._unsent:
-                self._watch(unsent, now)
+                self._watch(read, now)
+            elif read > self._read_mark:
+                self._watch(read, now)
             elif now >= self._read_by:  # it read nothing for idle_timeout: nothing more can be delivered
                 stats.idle_closed += 1
                 self.deadline = _INF

@@ -370,6 +370,9 @@ class _Run:
             body = b"\n".join(line[0] for line in lines) if spec.batch else lines[0][0]
             if self.compress is not None:
                 body = self.compress(body)
+            if conn.closed:  # reset between the handshake and now (e.g. its server was killed): an error, no write
+                stats.errors += 1
+                continue
             waiter = conn.request(b"".join((head, b"%d\r\n\r\n" % len(body), body)), keep_body=bool(spec.batch))
             stats.sent += 1
             try:
