@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,11 @@ class RunResult:
     service_ms: dict[str, float] | None = None  # emitter: from the write, without the generator's timer lag
     latency_503_ms: dict[str, float] | None = None
     probe_latency_ms: dict[str, dict[str, float]] | None = None  # per status, from the stress probe
+    processes: int = 1  # generator processes (several wrk in stress-cpu)
+    retry_after_503: int | None = None  # wrk: 503 answers that carried Retry-After
+    errors_by_kind: dict[str, int] | None = None  # wrk: connect/read/write/timeout
+    latency_corrected_ms: dict[str, float] | None = None  # wrk: its coordinated-omission-corrected figures
+    latency_is_raw: bool = True  # False: latency_ms holds wrk's corrected figures (the raw ones were not readable)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,26 +130,117 @@ def parse_wrk(stdout: str) -> dict[str, int]:
     return values
 
 
+def parse_quantiles(stdout: str, kind: str = "wrk-raw-quantile") -> list[tuple[float, float]]:
+    """The ``wrk-raw-quantile P US`` (or ``wrk-quantile``) lines: (fraction 0..1, latency µs), ascending."""
+    points = []
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == kind:
+            points.append((float(parts[1]) / 100, float(parts[2])))
+    return sorted(points)
+
+
+def merge_quantiles(parts: list[tuple[int, list[tuple[float, float]]]], fraction: float) -> float:
+    """The ``fraction`` quantile of several latency distributions, each (answers, quantile points).
+
+    Each process's CDF is interpolated linearly between its printed quantiles;
+    the mixture weights them by their answers and is inverted at ``fraction``.
+    Exact at the printed points when there is one process (then it is simply
+    that process's quantile).
+    """
+    parts = [(n, pts) for n, pts in parts if n > 0 and pts]
+    if not parts:
+        return 0.0
+    total = sum(n for n, _ in parts)
+
+    def cdf(points: list[tuple[float, float]], x: float) -> float:
+        if x < points[0][1]:
+            return 0.0
+        for (q0, v0), (q1, v1) in zip(points, points[1:]):
+            if v0 <= x < v1:
+                return q0 + (q1 - q0) * (x - v0) / (v1 - v0)
+        return 1.0 if x >= points[-1][1] else points[-1][0]
+
+    candidates = sorted({v for _, pts in parts for _, v in pts})
+    previous_x, previous_f = candidates[0], 0.0
+    for x in candidates:
+        f = sum(n * cdf(pts, x) for n, pts in parts) / total
+        if f >= fraction - 1e-12:
+            if f == previous_f:
+                return x
+            return previous_x + (x - previous_x) * (fraction - previous_f) / (f - previous_f)
+        previous_x, previous_f = x, f
+    return candidates[-1]
+
+
 def run_wrk(url: str, duration: float, connections: int, sizes: str, nonce: str,
-            progress: Callable[[], str], threads: int = 2) -> RunResult:
-    """wrk closed loop with wrk_ingest.lua; 202s and messages are counted in the script."""
+            progress: Callable[[], str], threads: int = 2, processes: int = 1) -> RunResult:
+    """wrk closed loop with wrk_ingest.lua; 202s and messages are counted in the script.
+
+    ``processes`` > 1 starts that many wrk at once (each with ``connections``
+    and ``threads``, and its own nonce so packet ids stay unique); counts are
+    summed and the latency percentiles merged over all their answers.
+
+    ``latency_ms``: the answers as measured (wrk's histogram with its
+    coordinated-omission correction undone by wrk_ingest.lua);
+    ``latency_corrected_ms``: wrk's own corrected figures (what ``wrk`` prints).
+    """
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
-            "--timeout", "5s", "-s", str(LUA), url, "--", nonce, sizes]
-    with Progress("wrk", progress):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr[-2000:]}")
-    v = parse_wrk(done.stdout)
+            "--timeout", "5s", "-s", str(LUA), url, "--"]
+    with Progress("wrk", progress), tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        procs = []
+        for i in range(processes):
+            stdout, stderr = open(Path(tmp, f"{i}.out"), "wb"), open(Path(tmp, f"{i}.err"), "wb")
+            procs.append(subprocess.Popen([*argv, nonce if processes == 1 else f"{nonce}p{i}", sizes, str(connections)],
+                                          stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL))
+            stdout.close()
+            stderr.close()
+        deadline = time.monotonic() + duration + 60
+        for proc in procs:
+            try:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        outputs = [Path(tmp, f"{i}.out").read_text() for i in range(processes)]
+        errors = [Path(tmp, f"{i}.err").read_text() for i in range(processes)]
+    for proc, err in zip(procs, errors):
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk exited {proc.returncode}: {err[-2000:]}")
+    each = [parse_wrk(out) for out in outputs]
+    v = {key: sum(e.get(key, 0) for e in each) for key in each[0]}
     statuses = {"202": v["status_202"], "2xx_other": v["status_2xx"] - v["status_202"], "429": v["status_429"],
                 "503": v["status_503"], "other": v["status_other"]}
+    answered = [e["status_2xx"] + e["status_429"] + e["status_503"] + e["status_other"] for e in each]
+    points = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
+
+    def figures(prefix: str, kind: str, counts: list[int]) -> dict[str, float]:
+        if processes == 1:
+            return {key: v[f"{prefix}_p{key[1:]}_us"] / 1e3 for key, _ in points}
+        parts = list(zip(counts, (parse_quantiles(out, kind) for out in outputs)))
+        return {key: merge_quantiles(parts, q) / 1e3 for key, q in points}
+
+    corrected = figures("latency", "wrk-quantile", answered)
+    corrected["max"] = max(e["latency_max_us"] for e in each) / 1e3
+    raw_ok = all("raw_count" in e for e in each)
+    if raw_ok:
+        raw_counts = [e["raw_count"] for e in each]
+        latency = figures("raw_latency", "wrk-raw-quantile", raw_counts)
+        latency["mean"] = sum(e["raw_mean_us"] * n for e, n in zip(each, raw_counts)) / max(sum(raw_counts), 1) / 1e3
+        latency["count"] = float(sum(raw_counts))
+        latency["max"] = corrected["max"]  # the largest sample is never a synthetic one
+    else:  # the FFI read failed: only wrk's corrected figures exist (flagged in the record)
+        latency = dict(corrected)
+        latency["count"] = float(sum(answered))
+    kinds = {kind: v[f"errors_{kind}"] for kind in ("connect", "read", "write", "timeout")}
     return RunResult(
-        generator="wrk", duration_s=v["duration_us"] / 1e6, connections=connections, sent=v["requests"],
-        accepted_packets=v["status_2xx"], accepted_messages=v["messages_202"] if v["status_202"] else None,
+        generator="wrk", duration_s=max(e["duration_us"] for e in each) / 1e6, connections=connections * processes,
+        sent=v["requests"], accepted_packets=v["status_2xx"],
+        accepted_messages=v["messages_202"] if v["status_202"] else None,
         by_status={k: n for k, n in statuses.items() if n},
-        errors=v["errors_connect"] + v["errors_read"] + v["errors_write"] + v["errors_timeout"],
-        latency_ms={"p50": v["latency_p50_us"] / 1e3, "p90": v["latency_p90_us"] / 1e3,
-                    "p99": v["latency_p99_us"] / 1e3, "p99.9": v["latency_p99.9_us"] / 1e3,
-                    "max": v["latency_max_us"] / 1e3},
+        errors=sum(kinds.values()), errors_by_kind=kinds, latency_ms=latency, processes=processes,
+        retry_after_503=v.get("status_503_retry_after"), latency_corrected_ms=corrected,
+        latency_is_raw=raw_ok,
     )
 
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,37 @@ import psutil
 from distributor.tools.localcluster import free_port, wait_until
 
 INSTALL_HINT = "apt-get install -y nginx-light wrk"
+PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+
+
+def ensure_installed(tools: Sequence[str], allow_install: bool = True) -> list[str]:
+    """Install the missing ``tools`` (``nginx``, ``wrk``) with apt-get when root; the ones still missing.
+
+    Why: the benchmark needs nginx (free sinks, the proxy baseline, the latency
+    floor) and wrk (closed loop); as root on Debian/Ubuntu it installs them
+    rather than quietly measuring less. Otherwise the caller skips what needs
+    them and says so.
+    """
+    def missing() -> list[str]:
+        return [t for t in tools if (nginx_binary() if t == "nginx" else shutil.which(t)) is None]
+
+    absent = missing()
+    if not absent or not allow_install:
+        return absent
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"missing {', '.join(absent)}; not root or no apt-get, so not installing: {INSTALL_HINT}",
+              file=sys.stderr, flush=True)
+        return absent
+    packages = [PACKAGES[t] for t in absent]
+    print(f"installing {' '.join(packages)} with apt-get ...", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"apt-get install failed: {done.stderr.strip()[-500:]}", file=sys.stderr, flush=True)
+    return missing()
 
 
 def nginx_binary() -> str | None:
@@ -96,13 +128,34 @@ class NginxProxy:
         self.root = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
         self.root.chmod(0o755)  # nginx workers drop root privileges
         self.port = free_port()
+        self.upstreams = upstreams
+        self.workers = workers
         self.config = self.root / "nginx.conf"
-        self.config.write_text(render_config(self.root, self.port, upstreams, workers))
+        self.config.write_text(self.render())
         self.process: subprocess.Popen[bytes] | None = None
+
+    def render(self) -> str:
+        return render_config(self.root, self.port, self.upstreams, self.workers)
+
+    def ports(self) -> list[int]:
+        """Every port this nginx listens on (all must accept before ``__enter__`` returns)."""
+        return [self.port]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/ingest"
+
+    def pids(self) -> list[int]:
+        """The master started here and its workers (for CPU accounting and SIGSTOP)."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        try:
+            return [self.process.pid, *(c.pid for c in psutil.Process(self.process.pid).children())]
+        except psutil.Error:
+            return []
+
+    def worker_pids(self) -> list[int]:
+        return self.pids()[1:]
 
     def __enter__(self) -> "NginxProxy":
         log = open(self.root / "stderr.log", "wb")
@@ -114,15 +167,24 @@ class NginxProxy:
         def listening() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"nginx exited {process.returncode}: {(self.root / 'stderr.log').read_text()}")
-            with socket.socket() as sock:
-                sock.settimeout(0.5)
-                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+            for port in self.ports():
+                with socket.socket() as sock:
+                    sock.settimeout(0.5)
+                    if sock.connect_ex(("127.0.0.1", port)) != 0:
+                        return False
+            return True
 
         wait_until(listening, 10, "nginx listening")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """SIGQUIT (graceful) to the master PID we started, then SIGKILL after a deadline."""
+        """SIGQUIT (graceful) to the master PID we started, then SIGKILL after a deadline; remove the files."""
+        try:
+            self._stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         try:
