@@ -237,6 +237,17 @@ class WalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry spans for a sampled fraction of ingest requests, sent to an OTLP/HTTP collector.
+
+    Off unless both are set: a ratio of 0 traces nothing, not even requests whose ``traceparent`` is sampled.
+    """
+
+    sample_ratio: float = field(default=0.0, metadata={"zero_allowed": True, "fraction": True})
+    endpoint: str = ""  # the collector's base URL, checked like an analyzer's; spans go to {endpoint}/v1/traces
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Address = Address("0.0.0.0", 8080)
     admin_listen: Address = Address("127.0.0.1", 9091)
@@ -257,6 +268,7 @@ class Config:
     rate_limit: RateLimitConfig = RateLimitConfig()
     admin: AdminConfig = AdminConfig()
     wal: WalConfig = WalConfig()
+    tracing: TracingConfig = TracingConfig()
 
     def validate(self) -> "Config":
         """Return self, or raise ConfigError naming the first bad field."""
@@ -303,6 +315,11 @@ class Config:
         if len(self.analyzers) > MAX_ANALYZERS:
             raise ConfigError(f"analyzers: at most {MAX_ANALYZERS} analyzers, got {len(self.analyzers)}")
         rules = self.analyzer_rules
+        if self.tracing.endpoint:
+            _check_url("tracing.endpoint", self.tracing.endpoint, rules)
+        elif self.tracing.sample_ratio:
+            raise ConfigError("tracing.endpoint: required when tracing.sample_ratio > 0 (the OTLP/HTTP collector "
+                              "that receives the spans)")
         seen: set[str] = set()
         for i, analyzer in enumerate(self.analyzers):
             validate_analyzer(f"analyzers[{i}]", analyzer, rules)
@@ -334,7 +351,8 @@ class Config:
         return data
 
 
-SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit", "admin", "wal")
+SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit", "admin", "wal",
+            "tracing")
 
 
 def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:
@@ -676,10 +694,15 @@ def resolve(
     top: Mapping[str, Any],
     sections: Mapping[str, Mapping[str, Any]],
 ) -> Config:
-    """Defaults < TOML file < environment < CLI; validated."""
-    config = load_toml(config_file) if config_file else Config()
-    config = apply_env(config, environ)
-    return override(config, top, sections).validate()
+    """Defaults < TOML file < environment < CLI; validated. Any surprise is a ConfigError too, never a traceback."""
+    try:
+        config = load_toml(config_file) if config_file else Config()
+        config = apply_env(config, environ)
+        return override(config, top, sections).validate()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"configuration: {exc.__class__.__name__}: {exc}") from None
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:

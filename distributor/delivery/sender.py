@@ -6,7 +6,9 @@ the books when the analyzer answered 2xx (delivered), rejected it with a 4xx
 (counted as rejected), or the shutdown deadline passed (counted as dropped, or
 left in the write-ahead log for the next start). With the log on, a packet is
 marked as attempted before its first post and acknowledged in the log once it
-is delivered or rejected.
+is delivered or rejected. A batch that carries packets sampled for tracing gets a
+send span (``distributor/tracing.py``) and a ``traceparent`` header; any other
+batch pays one check of the tracing registry.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from distributor.config import OutlierConfig, SenderConfig
 from distributor.delivery.compression import compressed
 from distributor.delivery.queue import NO_REF, Counters, Packet, PacketQueue, byte_count, message_count
 from distributor.logs import RateLimitedLog
+from distributor.tracing import SendTrace, sampled, start_send
 from distributor.wal.log import WorkerLog
 from distributor.shared_table import (
     C_DELIVERED_MESSAGES,
@@ -38,6 +41,7 @@ log = logging.getLogger("distributor.sender")
 
 RETRY_BUDGET_FLOOR = 3  # retries always allowed on a quiet sender
 RETRY_BUDGET_CAP = 10
+MAX_ANALYZER_RETRY_AFTER = 30.0  # seconds: the most an analyzer's Retry-After delays a retry
 ABORTED = -1  # status of an attempt this worker gave up (abort_inflight), not a failure of the analyzer
 
 
@@ -238,14 +242,24 @@ class AnalyzerSender:
 
     async def _ship(self, batch: list[Packet]) -> None:
         """Deliver one batch; cancelled at the shutdown deadline, it stays on the books (dropped or kept in the log)."""
+        send = start_send(self.name, batch) if sampled else None
         try:
-            await self._deliver(batch)
+            await self._deliver(batch, send)
         except asyncio.CancelledError:
             self._abandoned.extend(batch)
+            if send is not None:
+                send.end(())
             raise
+        except Exception:  # a bug must never strand a batch: it goes back to the head of the queue
+            log.exception("analyzer %s: sending a batch failed unexpectedly; it is queued again", self.name,
+                          extra={"event": "send_error", "analyzer": self.name})
+            self.queue.requeue(batch)
+            batch.clear()
         finally:
             self._inflight -= 1
             self._slots.release()
+        if send is not None:
+            send.end(batch)  # what _deliver leaves in the batch was delivered or rejected
         self.queue.release(batch)
         if self._inflight == 0 and not self.queue.items:
             self._idle.set()
@@ -257,15 +271,18 @@ class AnalyzerSender:
             for packet in batch:
                 wal.ack(packet[2])
 
-    async def _deliver(self, batch: list[Packet]) -> None:
+    async def _deliver(self, batch: list[Packet], send: SendTrace | None) -> None:
         """Send until delivered, rejected, or failed over; retries back off with jitter."""
         backoff = self._config.retry_initial_backoff
         counters, cell = self._counters, self._cell
         self._retry_tokens = min(RETRY_BUDGET_CAP, self._retry_tokens + self._outlier.retry_budget)
         if self._wal is not None:  # on disk before it is on the wire: a replay then knows it may be a duplicate
             await self._wal.attempted([packet[2] for packet in batch])
+        traceparent = None if send is None else send.traceparent
         while True:
-            status, retry_after, ambiguous = await self._attempt(batch)
+            status, retry_after, ambiguous = await self._attempt(batch, traceparent)
+            if send is not None:
+                send.attempted(status)
             aborted = status == ABORTED
             if 200 <= status < 300:
                 self.consecutive_failures = 0
@@ -304,9 +321,9 @@ class AnalyzerSender:
             await asyncio.sleep(_retry_delay(backoff, retry_after))
             backoff = min(backoff * 2, self._config.retry_max_backoff)
 
-    async def _attempt(self, batch: list[Packet]) -> tuple[int, str | None, bool]:
+    async def _attempt(self, batch: list[Packet], traceparent: str | None) -> tuple[int, str | None, bool]:
         """``_post`` as a future that ``abort_inflight`` can cancel without cancelling the batch (ABORTED)."""
-        post = asyncio.ensure_future(self._post(batch))
+        post = asyncio.ensure_future(self._post(batch, traceparent))
         self._posts.add(post)
         try:
             return await post
@@ -319,7 +336,7 @@ class AnalyzerSender:
         finally:
             self._posts.discard(post)
 
-    async def _post(self, batch: list[Packet]) -> tuple[int, str | None, bool]:
+    async def _post(self, batch: list[Packet], traceparent: str | None) -> tuple[int, str | None, bool]:
         """(status or 0, Retry-After, whether the analyzer may have taken it despite the failure)."""
         if self.mode == "batch":
             url = self.url + "/ingest/batch"
@@ -332,6 +349,8 @@ class AnalyzerSender:
         if self.compression != "none":
             body = await compressed(body, self.compression)
             headers["Content-Encoding"] = self.compression
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         try:
             async with self._session.post(url, data=body, headers=headers) as response:
                 await response.read()
@@ -351,8 +370,9 @@ class AnalyzerSender:
 
 
 def _retry_delay(backoff: float, retry_after: str | None) -> float:
-    """Full jitter, but never sooner than the analyzer's Retry-After."""
+    """Full jitter, but never sooner than the analyzer's Retry-After (delay-seconds; capped, so a bogus
+    figure cannot park a batch for years; an HTTP-date or anything else is ignored)."""
     delay = random.uniform(0, backoff)
-    if retry_after and retry_after.isdigit():
-        delay = max(delay, float(retry_after))
+    if retry_after and retry_after.isascii() and retry_after.isdigit():
+        delay = max(delay, min(int(retry_after), MAX_ANALYZER_RETRY_AFTER))
     return delay

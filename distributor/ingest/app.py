@@ -116,9 +116,9 @@ class IngestApp:
             self.ints[self.row + W_LAG_SHED] += 1
             return self._lag_refusal
         if self.tracer is not None and self.trace is None:  # the one check when tracing is off
-            trace = self.tracer.begin(path.decode("latin-1"), request.header, path == INGEST_PATH)
-            if trace is not None:
-                return self._traced(request, trace)
+            parent = self.tracer.sample(request.header)
+            if parent is not None:
+                return self._traced(request, self.tracer.trace(path.decode("latin-1"), parent, path == INGEST_PATH))
         started = perf_counter_ns()
         ints, row = self.ints, self.row
         ints[row + W_REQUESTS] += 1
