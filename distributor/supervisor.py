@@ -46,7 +46,7 @@ STOP_MARGIN = 5.0  # beyond a worker's graceful_timeout before it is killed
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # settings the workers read: a reload that changes one rolls the workers, one at a time
 WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format", "ingest", "queue", "sender",
-                   "outlier", "overload", "rate_limit")
+                   "outlier", "overload", "rate_limit", "tracing")
 # the WAL too: a worker rolled onto another directory would leave the old one's packets behind
 RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal")
 # settings the supervisor reads: a reload applies them at once (analyzers are reported by the analyzer set)

@@ -20,7 +20,7 @@ import orjson
 
 from distributor.config import Config
 from distributor.ingest.batch import handle_batch
-from distributor.ingest.contract import ContractError, PacketInfo, parse_packet
+from distributor.ingest.contract import EMITTER_HEADER, ContractError, PacketInfo, claimed_emitter, parse_packet
 from distributor.ingest.encoding import BodyError, decoded_body
 from distributor.ingest.http11 import Pending, Request, Response, json_error
 from distributor.ingest.otlp import OTLP_PATH, error_response, handle_otlp
@@ -159,7 +159,7 @@ class IngestApp:
             refusal = invalid(exc)
             return Response(exc.status, orjson.dumps({"error": refusal.error, "detail": refusal.detail,
                                                       "field": exc.field}))
-        refused = self.admit(body, packet)
+        refused = self.admit(body, packet, claimed_emitter(request.header(EMITTER_HEADER)))
         if refused is not None:
             if self.trace is not None:
                 self.trace.packet(None, packet, "", refused.error)
@@ -167,9 +167,14 @@ class IngestApp:
         accepted = Response(202, orjson.dumps({"status": "accepted", "packet_id": packet.packet_id}))
         return self.answer(request, accepted, 1)
 
-    def admit(self, raw: bytes, packet: PacketInfo) -> Refusal | None:
-        """Rate limit, shed, log and route one valid packet; None once it is queued (and in the log)."""
+    def admit(self, raw: bytes, packet: PacketInfo, claimed: str | None) -> Refusal | None:
+        """Check the request's X-Emitter-Id claim, rate limit, shed, log and route one valid packet; None once it
+        is queued (and in the log)."""
         ints, row = self.ints, self.row
+        if claimed is not None and claimed != packet.emitter_id:
+            ints[row + W_REJECTED_INVALID] += 1
+            return Refusal(400, "emitter_mismatch", f"emitter_id {packet.emitter_id!r} does not match the "
+                           f"X-Emitter-Id header {claimed!r}")
         if self.limiter.enabled:
             wait = self.limiter.admit(packet.emitter_id, monotonic())
             if wait:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from distributor.ingest.contract import ContractError, PacketInfo, parse_packet
+from distributor.ingest.contract import EMITTER_HEADER, ContractError, PacketInfo, claimed_emitter, parse_packet
 from distributor.ingest.http11 import Pending, Request, Response, json_error
 from distributor.ingest.refusal import Refusal, invalid
 from distributor.shared_table import W_REJECTED_INVALID
@@ -37,12 +37,13 @@ class Admitter(Protocol):
     ints: memoryview
     row: int
 
-    def admit(self, raw: bytes, packet: PacketInfo) -> Refusal | None: ...
+    def admit(self, raw: bytes, packet: PacketInfo, claimed: str | None) -> Refusal | None: ...
 
     def answer(self, request: Request, response: Response, accepted: int) -> Response | Pending: ...
 
 
 def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pending:
+    claimed = claimed_emitter(request.header(EMITTER_HEADER))
     lines = body.split(b"\n")
     if len(lines) > app.max_batch_packets and sum(1 for line in lines if line.strip()) > app.max_batch_packets:
         return json_error(413, "batch_too_large", f"more than max_batch_packets={app.max_batch_packets} packets")
@@ -62,7 +63,7 @@ def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pen
             app.ints[app.row + W_REJECTED_INVALID] += 1
             refusal = invalid(exc)
         else:
-            refusal = app.admit(line, packet)
+            refusal = app.admit(line, packet, claimed)
             if refusal is None:
                 accepted += 1
                 continue

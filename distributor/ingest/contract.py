@@ -42,6 +42,17 @@ class ContractError(ValueError):
         self.status = status
 
 
+EMITTER_HEADER = b"x-emitter-id"
+
+
+def claimed_emitter(value: bytes | None) -> str | None:
+    """The emitter a request says it comes from (``X-Emitter-Id``, which a load balancer may shard on), or None.
+
+    Bytes that are not UTF-8 match no emitter_id: such a request is refused, not guessed at.
+    """
+    return None if value is None else value.decode("utf-8", "replace")
+
+
 class PacketInfo(NamedTuple):
     emitter_id: str
     packet_id: str

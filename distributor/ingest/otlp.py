@@ -30,7 +30,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs
 
-from distributor.ingest.contract import MAX_ID_LENGTH, PacketInfo
+from distributor.ingest.contract import EMITTER_HEADER, MAX_ID_LENGTH, PacketInfo, claimed_emitter
 from distributor.ingest.http11 import Pending, Request, Response
 from distributor.ingest.refusal import Refusal
 from distributor.shared_table import W_REJECTED_INVALID
@@ -57,7 +57,7 @@ class OtlpAdmitter(Protocol):
     row: int
     trace: RequestTrace | None
 
-    def admit(self, raw: bytes, packet: PacketInfo) -> Refusal | None: ...
+    def admit(self, raw: bytes, packet: PacketInfo, claimed: str | None) -> Refusal | None: ...
 
     def answer(self, request: Request, response: Response, accepted: int) -> Response | Pending: ...
 
@@ -81,6 +81,7 @@ def handle_otlp(app: OtlpAdmitter, request: Request, body: bytes) -> Response | 
         app.ints[app.row + W_REJECTED_INVALID] += 1
         return status_response(encoding, 400, f"undecodable ExportLogsServiceRequest: {exc}")
     now_ms = time.time_ns() // 1_000_000
+    claimed = claimed_emitter(request.header(EMITTER_HEADER))
     accepted = rejected = 0
     problems: list[str] = []
     capacity: list[Refusal] = []
@@ -91,7 +92,7 @@ def handle_otlp(app: OtlpAdmitter, request: Request, body: bytes) -> Response | 
             rejected += result.rejected
             problems.append(f"resource_logs[{index}]: {result.problem}")
         for raw, packet in result.packets:
-            refusal = app.admit(raw, packet)
+            refusal = app.admit(raw, packet, claimed)
             if refusal is None:
                 accepted += 1
                 continue
