@@ -183,6 +183,7 @@ class OverloadConfig:
     low_priority_watermark: float = _fraction(0.7)
     normal_priority_watermark: float = _fraction(0.9)
     max_retry_after: float = 30.0
+    memory_watermark: float = _fraction(0.85)  # of the cgroup's memory limit: above it queues stop growing
 
 
 @dataclass(frozen=True, slots=True)

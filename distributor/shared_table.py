@@ -36,10 +36,20 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 
 # header cells
-H_MAGIC, H_VERSION, H_MAX_ANALYZERS, H_MAX_WORKERS, H_GENERATION, H_SUPERVISOR_PID, H_CREATED, H_RL_SLOTS = range(8)
+(
+    H_MAGIC,
+    H_VERSION,
+    H_MAX_ANALYZERS,
+    H_MAX_WORKERS,
+    H_GENERATION,
+    H_SUPERVISOR_PID,
+    H_CREATED,
+    H_RL_SLOTS,
+    H_MEMORY_PRESSURE,  # 1 while the cgroup's anonymous memory is above overload.memory_watermark (supervisor)
+) = range(9)
 HEADER_CELLS = 16
 
 # analyzer row cells

@@ -31,10 +31,20 @@ from typing import Callable
 import orjson
 import psutil
 
+from distributor.cgroup import CgroupMemory
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.ingest.listener import PortClaim, claim_port
-from distributor.shared_table import W_HEARTBEAT, W_PID, W_READY, W_STATE, W_WAL_STATE, WAL_AVAILABLE, SharedTable
+from distributor.shared_table import (
+    H_MEMORY_PRESSURE,
+    W_HEARTBEAT,
+    W_PID,
+    W_READY,
+    W_STATE,
+    W_WAL_STATE,
+    WAL_AVAILABLE,
+    SharedTable,
+)
 from distributor.workers.ingest_worker import CONFIG_ENV
 
 log = logging.getLogger("distributor.supervisor")
@@ -51,6 +61,8 @@ WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format",
 RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal")
 # settings the supervisor reads: a reload applies them at once (analyzers are reported by the analyzer set)
 SUPERVISOR_SETTINGS = ("worker_timeout", "max_worker_memory_mb", "health", "admin")
+PRESSURE_HYSTERESIS = 0.05  # pressure ends this far under the watermark
+WORKER_OVERHEAD = 60 << 20  # what a worker needs beside its queues (measured: README, memory bound)
 STALE_HEARTBEAT = 2.0  # seconds: a worker whose loop has not stamped since is not counted as serving
 
 
@@ -114,6 +126,15 @@ class Supervisor:
             self.close()
             raise
         self.workers = [WorkerHandle(slot) for slot in range(config.workers)]
+        self.cgroup = CgroupMemory()
+        self.memory_ratio = 0.0  # the cgroup's anonymous memory over its limit, at the last check
+        if self.cgroup.limit is not None:
+            planned = config.workers * (config.queue.worker_max_bytes + WORKER_OVERHEAD)
+            if planned > self.cgroup.limit:
+                log.warning("workers x (queue.worker_max_bytes + ~60 MiB) = %d MiB exceeds the cgroup's memory "
+                            "limit of %d MiB: memory-pressure shedding (overload.memory_watermark) will bound the "
+                            "queues first", planned >> 20, self.cgroup.limit >> 20,
+                            extra={"event": "memory_limit_below_queues"})
         self.started_at = time.time()
         self.restarts_total = 0
         self.memory_recycles = 0
@@ -231,12 +252,16 @@ class Supervisor:
         return any(h.retiring or (h.alive and not h.ready) for h in self.workers)
 
     def check_memory(self) -> None:
-        """Replace, gracefully and one at a time, a worker whose RSS is above max_worker_memory_mb."""
-        limit_mb = self.config.max_worker_memory_mb
+        """Memory pressure of the cgroup, published for the workers; replace, gracefully and one at a time, a
+        worker whose RSS is above max_worker_memory_mb."""
         now = time.monotonic()
-        if not limit_mb or now < self._next_memory_check:
+        if now < self._next_memory_check:
             return
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        self._publish_pressure()
+        limit_mb = self.config.max_worker_memory_mb
+        if not limit_mb:
+            return
         limit = limit_mb * (1 << 20)
         for handle in self.workers:
             if not handle.alive or not handle.ready or handle.retiring:
@@ -259,6 +284,24 @@ class Supervisor:
                             reason)
                 self.memory_recycles += 1
                 self._retire(handle, reason)
+
+    def _publish_pressure(self) -> None:
+        """Above overload.memory_watermark of the cgroup's limit (anonymous memory) the workers' queues stop
+        growing: 503 instead of an OOM kill that would take every packet a worker holds."""
+        limit = self.cgroup.limit
+        if limit is None:
+            return
+        self.memory_ratio = ratio = self.cgroup.anonymous() / limit
+        watermark = self.config.overload.memory_watermark
+        ints = self.table.ints
+        if ratio > watermark and not ints[H_MEMORY_PRESSURE]:
+            ints[H_MEMORY_PRESSURE] = 1
+            log.warning("memory pressure: %.0f%% of the cgroup's %d MiB limit in use; queues stop growing (503)",
+                        ratio * 100, limit >> 20, extra={"event": "memory_pressure", "ratio": ratio})
+        elif ratio < watermark - PRESSURE_HYSTERESIS and ints[H_MEMORY_PRESSURE]:
+            ints[H_MEMORY_PRESSURE] = 0
+            log.info("memory pressure over: %.0f%% of the cgroup's limit", ratio * 100,
+                     extra={"event": "memory_pressure_over", "ratio": ratio})
 
     def roll(self) -> None:
         """Restart the workers a reload left with old settings, one at a time."""

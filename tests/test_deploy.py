@@ -66,6 +66,7 @@ GAUGES = {
     "distributor_event_loop_lag_seconds", "distributor_worker_connections", "distributor_analyzer_up",
     "distributor_analyzer_state", "distributor_analyzer_backoff_seconds",
     "distributor_queue_capacity_packets", "distributor_worker_memory_limit_bytes",
+    "distributor_cgroup_memory_limit_bytes", "distributor_cgroup_memory_ratio", "distributor_memory_pressure",
 }
 HISTOGRAMS = {"distributor_ingest_latency_seconds"}
 # The write-ahead log's families (labelled {worker}; the histogram has no labels), exported only while

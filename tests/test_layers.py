@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "distributor.config": 0,
     "distributor.shared_table": 0,
     "distributor.logs": 0,
+    "distributor.cgroup": 0,
     "distributor.tracing": 0,  # used by ingest/ (ingest spans) and delivery/ (send spans); imports neither
     "distributor.wal": 1,
     "distributor.delivery": 1,

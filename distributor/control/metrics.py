@@ -80,6 +80,7 @@ class TableCollector(Collector):
         memory_limit: Callable[[], float],
         latency: Callable[[], tuple[list[tuple[str, int]], float]],
         admin_changes: Callable[[], dict[str, int]],
+        memory: Callable[[], tuple[int, float, int]],
     ) -> None:
         self._analyzers = analyzers
         self._workers = workers
@@ -88,6 +89,7 @@ class TableCollector(Collector):
         self._memory_limit = memory_limit
         self._latency = latency
         self._admin_changes = admin_changes
+        self._memory = memory
 
     @staticmethod
     def _wal_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -210,6 +212,15 @@ class TableCollector(Collector):
         )
         recycles.add_metric([], self._recycles())
         yield recycles
+        cgroup_limit, ratio, pressure = self._memory()
+        for name, help_text, value in (
+            ("distributor_cgroup_memory_limit_bytes", "The cgroup's memory limit (0: none found)", float(cgroup_limit)),
+            ("distributor_cgroup_memory_ratio", "The cgroup's anonymous memory over its limit", ratio),
+            ("distributor_memory_pressure", "1 while above overload.memory_watermark: queues do not grow", pressure),
+        ):
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], value)
+            yield gauge
         limit = GaugeMetricFamily("distributor_worker_memory_limit_bytes", "max_worker_memory_mb in bytes (0 = off)")
         limit.add_metric([], self._memory_limit())
         yield limit

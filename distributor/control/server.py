@@ -21,6 +21,7 @@ from distributor.control.admin_api import AdminApi
 from distributor.control.metrics import TableCollector, cumulative
 from distributor.shared_table import (
     C_NET_ROUTED_MESSAGES,
+    H_MEMORY_PRESSURE,
     HTTP_STAT_CELLS,
     LATENCY_BUCKETS,
     STATE_NAMES,
@@ -243,6 +244,8 @@ def build_app(supervisor: "Supervisor") -> web.Application:
         lambda: supervisor.config.max_worker_memory_mb * (1 << 20),
         lambda: latency_histogram(supervisor),
         lambda: dict(api.changes),
+        lambda: (supervisor.cgroup.limit or 0, supervisor.memory_ratio,
+                 supervisor.table.ints[H_MEMORY_PRESSURE]),
     ))
 
     async def health(_: web.Request) -> web.Response:

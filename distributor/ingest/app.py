@@ -71,11 +71,13 @@ class IngestApp:
         self._max_retry_after = config.overload.max_retry_after
         capacity = config.queue.worker_max_bytes
         self._capacity = capacity
-        self._shed_at = {
+        self._watermarks = {
             "low": capacity * config.overload.low_priority_watermark,
             "normal": capacity * config.overload.normal_priority_watermark,
             "high": float(capacity),
         }
+        self._shed_at = self._watermarks
+        self.memory_pressure = False
         self.totals = QueueTotals()
         self.drain_rate = 0.0  # bytes/s leaving this worker's queues, kept current by the worker
         self.limiter = RateLimiter(table, worker_slot, config.rate_limit)
@@ -183,8 +185,9 @@ class IngestApp:
         size = len(raw)
         if self.totals.bytes + size > self._shed_at[packet.priority]:
             ints[row + W_SHED] += 1
-            return Refusal(503, "overloaded", f"queues are full for {packet.priority} priority packets; "
-                           "retry later", self.overload_retry_after())
+            why = "the host's memory is under pressure" if self.memory_pressure else (
+                f"queues are full for {packet.priority} priority packets")
+            return Refusal(503, "overloaded", f"{why}; retry later", self.overload_retry_after())
         wal = self.wal
         if wal is not None and not wal.available:
             ints[row + W_WAL_UNAVAILABLE_PACKETS] += 1
@@ -260,9 +263,17 @@ class IngestApp:
         ints[cell + C_ROUTED_PACKETS] += 1
         ints[cell + C_NET_ROUTED_MESSAGES] += messages
 
+    def set_memory_pressure(self, pressed: bool) -> None:
+        """Under the cgroup's memory pressure queues stop growing: low and normal priority packets are shed,
+        high priority ones only while the queues are not above what they hold now."""
+        if pressed == self.memory_pressure:
+            return
+        self.memory_pressure = pressed
+        self._shed_at = {"low": 0.0, "normal": 0.0, "high": float(self.totals.bytes)} if pressed else self._watermarks
+
     def overload_retry_after(self) -> float:
         """Seconds until the queues should be back under the low watermark at the current drain rate."""
-        excess = self.totals.bytes - self._shed_at["low"] * 0.9
+        excess = self.totals.bytes - self._watermarks["low"] * 0.9
         if excess <= 0:
             return self._retry_after
         if self.drain_rate <= 0:

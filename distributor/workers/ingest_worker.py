@@ -34,6 +34,7 @@ from distributor.delivery.routing import NO_ANALYZER, Router
 from distributor.delivery.queue import Packet, PacketQueue
 from distributor.delivery.sender import AnalyzerSender
 from distributor.shared_table import (
+    H_MEMORY_PRESSURE,
     C_EJECTION_REPORTS,
     C_FAILOVER_MESSAGES,
     C_FAILOVER_PACKETS,
@@ -249,6 +250,7 @@ class IngestWorker:
         delivered = self.app.totals.delivered_bytes
         rate = (delivered - delivered_before) / HEARTBEAT_INTERVAL
         self.app.drain_rate = rate if self.app.drain_rate == 0 else 0.7 * self.app.drain_rate + 0.3 * rate
+        self.app.set_memory_pressure(bool(ints[H_MEMORY_PRESSURE]))
         if self.wal_export is not None:
             self.wal_export.publish()
         if self.table.generation != self.router.generation:
