@@ -86,6 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
         except PortInUse as exc:
             logger.error("%s", exc.strerror)
             return EXIT_CONFIG
+        except ConfigError as exc:
+            logger.error("%s", exc)
+            return EXIT_CONFIG
         try:
             runner = await start_control_plane(supervisor)
         except OSError as exc:

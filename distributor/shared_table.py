@@ -36,7 +36,7 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 8
+LAYOUT_VERSION = 9
 
 # header cells
 (
@@ -157,11 +157,12 @@ W_LATENCY_BUCKETS = 24
     W_WAL_DAMAGED_ACKS,
     W_WAL_WRITE_ERRORS,
     W_WAL_SET_ASIDE,
-) = range(W_LATENCY_BUCKETS + len(LATENCY_BUCKETS), W_LATENCY_BUCKETS + len(LATENCY_BUCKETS) + 20)
+    W_WAL_ORPHAN_SLOTS,  # slot directories to adopt that a live process still holds (their backlog is unseen)
+) = range(W_LATENCY_BUCKETS + len(LATENCY_BUCKETS), W_LATENCY_BUCKETS + len(LATENCY_BUCKETS) + 21)
 WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE = range(3)
 # fsync duration histogram: one cell per upper bound, the last is +Inf
 WAL_FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
-W_WAL_FSYNC_BUCKETS = W_WAL_SET_ASIDE + 1
+W_WAL_FSYNC_BUCKETS = W_WAL_ORPHAN_SLOTS + 1
 WORKER_HEAD_CELLS = W_WAL_FSYNC_BUCKETS + len(WAL_FSYNC_BUCKETS)
 # worker states
 W_FREE, W_BOOTING, W_READY, W_STOPPING = 0, 1, 2, 3

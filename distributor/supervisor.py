@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import orjson
@@ -35,6 +36,7 @@ from distributor.cgroup import CgroupMemory
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.ingest.listener import PortClaim, claim_port
+from distributor.wal.segment import WalLocked, lock
 from distributor.shared_table import (
     H_MEMORY_PRESSURE,
     W_HEARTBEAT,
@@ -119,6 +121,11 @@ class Supervisor:
         self.config = config
         self._reload_config = reload_config
         self._port_claim: PortClaim | None = claim_port(config.listen, config.allow_shared_port)
+        try:  # one distributor per WAL directory: a second one would take slots the first one's workers own
+            self._wal_claim = lock(Path(config.wal.dir)) if config.wal.dir else -1
+        except (WalLocked, OSError) as exc:
+            self._port_claim.close()
+            raise ConfigError(f"wal.dir: {config.wal.dir} is in use by another distributor ({exc})") from None
         self.table = SharedTable.create(max_workers=config.workers, rate_limit_slots=config.rate_limit.slots)
         try:
             self.analyzers = AnalyzerSet(self.table, config)
@@ -149,6 +156,9 @@ class Supervisor:
         if self._port_claim is not None:
             self._port_claim.close()
             self._port_claim = None
+        if self._wal_claim >= 0:
+            os.close(self._wal_claim)
+            self._wal_claim = -1
 
     # --- worker processes ---------------------------------------------------------------------
 

@@ -13,8 +13,12 @@
   (compose named volume, StatefulSet PersistentVolumeClaim) is mounted where the configuration's
   wal.dir points, and the claim is sized for workers x wal.max_bytes.
 
-Tools: Debian's ``prometheus`` package (promtool, prometheus); PyPI ``kubernetes-validate`` and
-``pyyaml``. Outside CI a missing tool skips its tests; with ``CI`` set it fails them.
+* HAProxy (deploy/haproxy/haproxy.cfg and its Kubernetes twin deploy/k8s/haproxy.yaml): ``haproxy -c``
+  validates both; they shard by ``X-Emitter-Id`` with consistent hashing, check the data port's
+  /healthz, observe layer 7, and differ only in their server lines (tests/fleet runs the file for real).
+
+Tools: Debian's ``prometheus`` and ``haproxy`` packages (promtool, prometheus, haproxy); PyPI
+``kubernetes-validate`` and ``pyyaml``. Outside CI a missing tool skips its tests; with ``CI`` set it fails them.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ WAL_GAUGES = {
     "distributor_wal_bytes", "distributor_wal_own_bytes", "distributor_wal_max_bytes", "distributor_wal_segments",
     "distributor_wal_unacked_packets", "distributor_wal_unacked_messages",
     "distributor_wal_oldest_unacked_age_seconds", "distributor_wal_replay_remaining_bytes",
+    "distributor_wal_orphan_slots",
     "distributor_wal_available",
 }
 WAL_HISTOGRAMS = {"distributor_wal_fsync_seconds"}
@@ -936,3 +941,164 @@ def test_dockerfile_healthcheck_command(make_cluster: Callable[..., LocalCluster
     assert ok.returncode == 0, ok.stdout + ok.stderr
     down = run(healthcheck_argv(free_port()), timeout=30)
     assert down.returncode != 0
+
+
+# --- HAProxy: sharding by emitter (deploy/haproxy, deploy/k8s/haproxy.yaml) ------------------------
+
+HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
+HAPROXY_HINT = "apt-get install -y --no-install-recommends haproxy"
+
+
+def haproxy_binary() -> str:
+    path = shutil.which("haproxy")
+    if path is None:
+        need("`haproxy` (Debian package haproxy)", HAPROXY_HINT)
+    return path  # type: ignore[return-value]
+
+
+def haproxy_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return run([haproxy_binary(), "-c", "-f", str(path)])
+
+
+def haproxy_sections(text: str) -> dict[str, list[str]]:
+    """'global' / 'defaults' / 'frontend NAME' / 'backend NAME' / 'resolvers NAME' -> its directive lines."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip() if not raw.lstrip().startswith("log-format") else raw.rstrip()
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(" ".join(line.split()), [])
+        else:
+            assert current is not None, f"a directive outside any section: {raw!r}"
+            current.append(" ".join(line.split()))
+    return sections
+
+
+def directive(lines: list[str], keyword: str) -> list[str]:
+    return [line for line in lines if line.split()[0] == keyword]
+
+
+def default_server_settings(line: str) -> dict[str, str]:
+    words = line.split()[1:]
+    flags = {"check"}
+    settings: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        if words[i] in flags:
+            settings[words[i]] = ""
+            i += 1
+        else:
+            settings[words[i]] = words[i + 1]
+            i += 2
+    return settings
+
+
+def seconds(value: str) -> float:
+    return float(value[:-2]) / 1000 if value.endswith("ms") else float(value.rstrip("s"))
+
+
+def test_haproxy_config_is_valid() -> None:
+    result = haproxy_check(HAPROXY_CFG)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Configuration file is valid" in output and "WARNING" not in output, output
+
+
+def test_haproxy_config_shards_by_emitter_with_health_checks() -> None:
+    """Consistent hashing on X-Emitter-Id (round robin without it), checks on /healthz, layer 7 observation."""
+    sections = haproxy_sections(HAPROXY_CFG.read_text())
+    backend = sections["backend distributors"]
+    assert directive(backend, "balance") == ["balance hdr(X-Emitter-Id)"]  # roundrobin when the header is absent
+    assert directive(backend, "hash-type") == ["hash-type consistent"]  # only a lost server's emitters move
+    text = HAPROXY_CFG.read_text()
+    for moving in ("hash-balance-factor", "slowstart", "prefer-last-server"):  # each would move emitters
+        assert moving not in "\n".join(line for lines in sections.values() for line in lines), moving
+    assert "option httpchk" in backend
+    (send,) = directive(backend, "http-check")[:1]
+    assert re.search(r"\bmeth GET uri /healthz\b", send), send  # the data port's health endpoint
+    assert "http-check expect status 200" in backend
+    (default_server,) = directive(backend, "default-server")
+    settings = default_server_settings(default_server)
+    assert "check" in settings and settings["observe"] == "layer7"
+    assert seconds(settings["inter"]) <= 2 and seconds(settings["fastinter"]) < seconds(settings["inter"])
+    assert 2 <= int(settings["fall"]) <= 3 and 2 <= int(settings["rise"]) <= 5
+    assert settings["on-error"] == "fail-check", "overload (503s) must not take servers out one after the other"
+    assert settings["on-marked-down"] == "shutdown-sessions"
+    # servers: the distributors' data port, explicit unique ids (the hash tree is built from them)
+    listen_port = int(tomllib.loads((REPO / "distributor.toml").read_text())["listen"].rsplit(":", 1)[1])
+    servers = [line.split() for line in directive(backend, "server")]
+    assert len(servers) >= 2
+    assert all(int(words[2].rsplit(":", 1)[1]) == listen_port for words in servers)
+    ids = [words[words.index("id") + 1] for words in servers]
+    assert len(set(ids)) == len(ids) == len(servers)
+    assert len({words[1] for words in servers}) == len(servers)
+    # timeouts and retries of connection failures only
+    defaults = sections["defaults"]
+    for name in ("connect", "client", "server", "http-request", "check"):
+        assert any(d.startswith(f"timeout {name} ") for d in defaults), f"no timeout {name}"
+    keep_alive = next(d for d in defaults if d.startswith("timeout http-keep-alive "))
+    idle = tomllib.loads((REPO / "distributor.toml").read_text()).get("ingest", {}).get("idle_timeout", 75.0)
+    assert seconds(keep_alive.split()[-1]) < idle, "HAProxy must close idle connections before the distributor does"
+    assert "option redispatch 1" in defaults and not directive(defaults, "retry-on")
+    frontend = sections["frontend ingest"]
+    assert "default_backend distributors" in frontend
+    assert "capture request header X-Emitter-Id len 64" in frontend
+    assert "emitter=%[capture.req.hdr(0)]" in text and "%b/%s" in text
+
+
+def resolvable_copy(text: str, tmp_path: Path) -> Path:
+    """The config as written, unless this machine has no name server for parse-resolv-conf to read."""
+    resolv = Path("/etc/resolv.conf")
+    has_nameserver = resolv.exists() and re.search(r"^\s*nameserver\s", resolv.read_text(), flags=re.M)
+    if not has_nameserver:
+        text = text.replace("parse-resolv-conf", "nameserver test 127.0.0.1:53")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(text)
+    return path
+
+
+def test_k8s_haproxy_matches_the_standalone_config(tmp_path: Path) -> None:
+    """deploy/k8s/haproxy.yaml: valid for haproxy -c, the same lines as deploy/haproxy/haproxy.cfg except the
+    servers (the StatefulSet's pods by DNS name) and the stats bind, and wired to its Deployment and Service."""
+    text = find("ConfigMap", "haproxy-config")["data"]["haproxy.cfg"]
+    result = haproxy_check(resolvable_copy(text, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    k8s, standalone = haproxy_sections(text), haproxy_sections(HAPROXY_CFG.read_text())
+    assert k8s["defaults"] == standalone["defaults"]
+    assert k8s["frontend ingest"] == standalone["frontend ingest"]
+    backend, reference = k8s["backend distributors"], standalone["backend distributors"]
+    assert [d for d in backend if not d.startswith(("server ", "default-server "))] == \
+        [d for d in reference if not d.startswith(("server ", "default-server "))]
+    (default_server,) = directive(backend, "default-server")
+    (reference_default,) = directive(reference, "default-server")
+    assert default_server.startswith(reference_default + " "), "same check settings, plus the resolvers"
+    assert "resolvers kube" in default_server and "init-addr none" in default_server
+    assert "resolvers kube" in k8s
+    # one server per StatefulSet ordinal, by its name under the headless Service, on the data port
+    statefulset = find("StatefulSet", "distributor")
+    config = tomllib.loads(find("ConfigMap", "distributor-config")["data"]["distributor.toml"])
+    port = int(config["listen"].rsplit(":", 1)[1])
+    servers = [line.split() for line in directive(backend, "server")]
+    assert len(servers) >= statefulset["spec"]["replicas"]
+    for ordinal, words in enumerate(servers):
+        host, server_port = words[2].rsplit(":", 1)
+        assert host.startswith(f"distributor-{ordinal}.{statefulset['spec']['serviceName']}."), host
+        assert int(server_port) == port and words[words.index("id") + 1] == str(ordinal + 1)
+    # the Deployment reads the ConfigMap where it is mounted; the Service and the probes use its ports
+    deployment = find("Deployment", "haproxy")
+    c = container(deployment)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == "haproxy-config"
+    assert c["args"][c["args"].index("-f") + 1] == f"{mount['mountPath']}/haproxy.cfg"
+    assert directive(k8s["frontend ingest"], "bind") == [f"bind :{port_number(c, 'http')}"]
+    assert directive(k8s["frontend stats"], "bind") == [f"bind :{port_number(c, c['readinessProbe']['httpGet']['port'])}"]
+    assert c["readinessProbe"]["httpGet"]["path"] in [d.split()[1] for d in directive(k8s["frontend stats"],
+                                                                                        "monitor-uri")]
+    socket_dir = directive(k8s["global"], "stats")[0].split()[2].rsplit("/", 1)[0]
+    assert any(m["mountPath"] == socket_dir for m in c["volumeMounts"]), "the runtime socket needs a writable dir"
+    service = find("Service", "distributor-sharded")
+    assert selects(service["spec"]["selector"], deployment)
+    assert [port_number(c, p["targetPort"]) for p in service["spec"]["ports"]] == [port_number(c, "http")]

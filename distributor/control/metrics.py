@@ -42,6 +42,7 @@ WAL_GAUGES = {
     "unacked_messages": "Messages in the log not yet delivered or dropped with a counted reason",
     "oldest_unacked_age_seconds": "Age of the oldest unacknowledged packet",
     "replay_remaining_bytes": "Segment bytes replay has not read yet",
+    "orphan_slots": "Slot directories to adopt (workers shrank) that a live process still holds: backlog not seen",
     "available": "1 while the log takes packets (0: new packets get 503 wal_unavailable)",
 }
 WAL_COUNTERS = {

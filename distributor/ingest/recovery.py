@@ -6,7 +6,9 @@ The order, which the README documents:
    locked by a process that has not exited yet is retried until it is free (the
    supervisor's boot timeout bounds the wait);
 2. it adopts the directories of slots above the current worker count (after
-   ``workers`` shrank), slot ``s`` going to worker ``s % workers``;
+   ``workers`` shrank), slot ``s`` going to worker ``s % workers``; a directory
+   still locked (its old worker has not exited yet) is tried again every
+   ``ADOPT_RETRY`` seconds until it is adopted, and counted meanwhile;
 3. it starts listening: new packets are answered at once, within the usual
    limits, while replay streams the old ones into the queues as room appears.
    Replay fills the worker's queues up to ``REPLAY_FILL`` of
@@ -36,6 +38,7 @@ log = logging.getLogger("distributor.recovery")
 REPLAY_FILL = 0.5  # of queue.worker_max_bytes: replay leaves the other half to new packets
 ROOM_POLL = 0.05  # seconds between looks for room while replay waits for the queues to drain
 LOCK_RETRY = 0.2
+ADOPT_RETRY = 1.0
 
 
 class Placer(Protocol):
@@ -48,8 +51,11 @@ class Placer(Protocol):
     def queued_bytes(self) -> int: ...
 
 
-async def open_log(config: WalConfig, slot: int, workers: int) -> WorkerLog:
-    """Open this slot's log, waiting for a predecessor that still holds it, and adopt orphaned slots."""
+async def open_log(config: WalConfig, slot: int, workers: int) -> tuple[WorkerLog, list[int]]:
+    """Open this slot's log, waiting for a predecessor that still holds it, and adopt orphaned slots.
+
+    Returns the log and the orphaned slots still locked by a live process (for ``Replay`` to retry).
+    """
     warned = False
     while True:
         try:
@@ -62,29 +68,47 @@ async def open_log(config: WalConfig, slot: int, workers: int) -> WorkerLog:
                             slot, config.dir, slot, extra={"event": "wal_locked"})
                 warned = True
             await asyncio.sleep(LOCK_RETRY)
-    for orphan in slots_on_disk(config.dir):
-        if orphan >= workers and orphan % workers == slot:
-            try:
-                adopted = await wal.adopt(orphan)
-            except WalLocked:
-                log.error("worker %d: cannot adopt worker-%d: a live process holds it", slot, orphan,
-                          extra={"event": "wal_adopt_locked"})
-                continue
-            if adopted:
-                log.info("worker %d: adopted %d segments of worker-%d (workers shrank)", slot, adopted, orphan,
-                         extra={"event": "wal_adopted", "segments": adopted})
-    return wal
+    orphans = [orphan for orphan in slots_on_disk(config.dir) if orphan >= workers and orphan % workers == slot]
+    return wal, await adopt(wal, orphans)
+
+
+async def adopt(wal: WorkerLog, orphans: list[int]) -> list[int]:
+    """Adopt what can be adopted; return the slots a live process still holds."""
+    locked = []
+    for orphan in orphans:
+        try:
+            adopted = await wal.adopt(orphan)
+        except WalLocked:
+            locked.append(orphan)
+            continue
+        if adopted:
+            log.info("worker %d: adopted %d segments of worker-%d (workers shrank)", wal.slot, adopted, orphan,
+                     extra={"event": "wal_adopted", "segments": adopted})
+    wal.stats.orphan_slots = len(locked)
+    if locked:
+        log.warning("worker %d: worker-%s still held by a live process; trying again every %.0f s", wal.slot,
+                    ",".join(map(str, locked)), ADOPT_RETRY, extra={"event": "wal_adopt_locked"})
+    return locked
 
 
 class Replay:
     """Streams the log's undelivered packets into the queues as room appears, until done or cancelled."""
 
-    def __init__(self, wal: WorkerLog, app: Placer, worker_max_bytes: int) -> None:
+    def __init__(self, wal: WorkerLog, app: Placer, worker_max_bytes: int, orphans: list[int]) -> None:
         self._wal = wal
         self._app = app
         self._fill = int(worker_max_bytes * REPLAY_FILL)
+        self._orphans = orphans  # still locked by a live process: adopted as soon as it lets go
 
     async def run(self) -> None:
+        while True:
+            await self._replay()
+            if not self._orphans:
+                return
+            await asyncio.sleep(ADOPT_RETRY)
+            self._orphans = await adopt(self._wal, self._orphans)
+
+    async def _replay(self) -> None:
         wal, app = self._wal, self._app
         if wal.replay_finished:
             return

@@ -2,12 +2,13 @@
 
 ``none``: a turn's callbacks run right after its write (in the OS: survives any process crash,
 not a power loss). ``interval``: the same, and an fsync round starts at most ``sync_interval``
-after the write (a power loss loses at most that window). ``always``: callbacks wait for an fsync
-round that *started after* their write; one round covers every turn written before it started,
-turns written while it runs wait for the next one (group commit: never one fsync per packet).
-Rounds run one at a time in a dedicated thread, so the event loop never waits on the disk.
-Acknowledgement sidecars are fsynced at most every ``sync_interval`` in both modes: losing acks
-only makes duplicates, never a loss, and this bounds them.
+after the write (a power loss loses at most that window plus the round's own fsync time).
+``always``: callbacks wait for an fsync round that *started after* their write; one round covers
+every turn written before it started, turns written while it runs wait for the next one (group
+commit: never one fsync per packet). Segment rounds run one at a time in a dedicated thread, so
+the event loop never waits on the disk. Acknowledgement sidecars are fsynced at most every
+``sync_interval`` in rounds of their own, in a second thread: losing acks only makes duplicates,
+never a loss, so a backlog of sidecars (hundreds during a replay) never delays a 202.
 """
 
 from __future__ import annotations
@@ -68,12 +69,14 @@ class Durability:
         self._stats = stats
         self._on_failure = on_failure
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wal-fsync")
+        self._ack_pool = ThreadPoolExecutor(1, thread_name_prefix="wal-fsync-acks")
         self._segments: list[DataFile] = []  # written since their last round started
         self._acks: list[DataFile] = []
-        self._acks_synced = loop.time()
         self._waiting: list[Turn] = []  # always: written, waiting for the next round
         self._round: asyncio.Future[float] | None = None
+        self._ack_round: asyncio.Future[float] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     def written(self, turn: Turn, segments: list[DataFile], acks: list[DataFile]) -> None:
         """A turn's writes succeeded: release its callbacks now, or after the round that covers them."""
@@ -99,20 +102,42 @@ class Durability:
                     queue.append(file)
 
     def _arm(self) -> None:
-        if self._timer is None and self._round is None and (self._segments or self._acks):
+        if self._timer is None and self._round is None and self._segments:
             self._timer = self._loop.call_later(self._interval, self._start_round)
+        if self._ack_timer is None and self._ack_round is None and self._acks:
+            self._ack_timer = self._loop.call_later(self._interval, self._start_ack_round)
 
-    def _start_round(self, everything: bool = False) -> None:
+    def _start_ack_round(self) -> None:
+        self._ack_timer = None
+        files = [file for file in self._acks if file.dirty]  # a retired file needs no fsync
+        self._acks = []
+        for file in files:
+            file.dirty = False
+            file.syncing += 1
+        self._ack_round = self._loop.run_in_executor(self._ack_pool, _fsync_all, [file.fd for file in files])
+        self._ack_round.add_done_callback(partial(self._ack_round_done, files))
+
+    def _ack_round_done(self, files: list[DataFile], future: asyncio.Future[float]) -> None:
+        """Acknowledgements that could not be fsynced cost duplicates after a power loss, never a packet."""
+        self._ack_round = None
+        for file in files:
+            file.syncing -= 1
+            file.release()
+        if future.exception() is not None:
+            self._stats.write_errors += 1
+            log.error("write-ahead log: fsync of acknowledgement files failed: %s", future.exception(),
+                      extra={"event": "wal_ack_fsync_failed"})
+        elif files:
+            self._stats.fsyncs += 1
+            self._stats.fsync_seconds.observe(future.result())
+        self._arm()
+
+    def _start_round(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        now = self._loop.time()
-        files, self._segments = self._segments, []
-        if self._acks and (everything or self._mode == "interval" or now - self._acks_synced >= self._interval):
-            files += self._acks
-            self._acks = []
-            self._acks_synced = now
-        files = [file for file in files if file.dirty]  # a retired file needs no fsync
+        files = [file for file in self._segments if file.dirty]  # a retired file needs no fsync
+        self._segments = []
         for file in files:
             file.dirty = False
             file.syncing += 1
@@ -148,14 +173,22 @@ class Durability:
             self._arm()
 
     async def close(self) -> None:
-        """Wait for the round in flight, fsync whatever is still dirty (acks too), stop the thread."""
-        while self._round is not None or (self._mode != "none" and (self._segments or self._acks or self._waiting)):
+        """Wait for the rounds in flight, fsync whatever is still dirty (acks too), stop the threads."""
+        while self._round is not None or (self._mode != "none" and (self._segments or self._waiting)):
             if self._round is None:
-                self._start_round(everything=True)
+                self._start_round()
             assert self._round is not None
             await asyncio.wait([self._round])
             await asyncio.sleep(0)  # let _round_done run
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        while self._ack_round is not None or (self._mode != "none" and self._acks):
+            if self._ack_round is None:
+                self._start_ack_round()
+            assert self._ack_round is not None
+            await asyncio.wait([self._ack_round])
+            await asyncio.sleep(0)
+        for timer in (self._timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._ack_timer = None
         self._pool.shutdown(wait=True)
+        self._ack_pool.shutdown(wait=True)

@@ -18,6 +18,7 @@ from distributor.shared_table import (
     W_WAL_FSYNCS,
     W_WAL_OWN_BYTES,
     W_WAL_OLDEST_MS,
+    W_WAL_ORPHAN_SLOTS,
     W_WAL_POSSIBLE_DUPLICATES,
     W_WAL_REPLAY_REMAINING_BYTES,
     W_WAL_REPLAYED,
@@ -70,6 +71,7 @@ class WalExport:
         ints[row + W_WAL_UNACKED_MESSAGES] = stats.unacked_messages
         ints[row + W_WAL_OLDEST_MS] = log.oldest_unacked_ms() or 0
         ints[row + W_WAL_REPLAY_REMAINING_BYTES] = stats.replay_remaining_bytes
+        ints[row + W_WAL_ORPHAN_SLOTS] = stats.orphan_slots
         base = self._base
         for name, cell in COUNTER_CELLS.items():
             ints[row + cell] = base[cell] + getattr(stats, name)

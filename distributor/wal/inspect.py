@@ -54,7 +54,7 @@ def inspect_slot(path: Path, now_ms: int) -> dict[str, Any]:
     names = sorted(os.listdir(path))
     segment_ids = [found for name in names if (found := name_id(name)) is not None and name == segment_name(found)]
     present = set(segment_ids)
-    segments = [_inspect_segment(path, segment_id) for segment_id in segment_ids]
+    segments = [info for segment_id in segment_ids if (info := _inspect_segment(path, segment_id)) is not None]
     oldest = min((s["oldest_unacked_ms"] for s in segments if s["oldest_unacked_ms"] is not None), default=None)
     valid = [s for s in segments if s["header_ok"]]
     return {
@@ -78,20 +78,27 @@ def inspect_slot(path: Path, now_ms: int) -> dict[str, Any]:
     }
 
 
-def _inspect_segment(path: Path, segment_id: int) -> dict[str, Any]:
+def _inspect_segment(path: Path, segment_id: int) -> dict[str, Any] | None:
+    """A segment's figures; None if it was deleted since the directory was listed (a live log)."""
     name = segment_name(segment_id)
     info: dict[str, Any] = {"name": name, "ack_name": ack_name(segment_id), "header_ok": False, "bytes": 0, "records": 0, "unacked_packets": 0,
                             "unacked_messages": 0, "possible_duplicates": 0, "oldest_unacked_ms": None,
                             "corrupt_records": 0, "torn": False, "corrupt_tail": False, "ack": "missing",
                             "bad_ack_records": 0}
-    fd = os.open(path / name, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        fd = os.open(path / name, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        # the sidecar first: every acknowledgement it holds is for a record written before it, so the
+        # segment's size taken afterwards covers them all even while a live log appends
+        ack_data = _read_ack_file(path, segment_id)
         size = os.fstat(fd).st_size
         info["bytes"] = size
         if parse_segment_header(os.pread(fd, SEGMENT_HEADER.size, 0), segment_id) is None:
             return info
         info["header_ok"] = True
-        acks = _read_acks(path, segment_id, size, info)
+        acks = _parse_acks(ack_data, segment_id, size, info)
         flags = acks.flags
         scanner = SegmentScanner(fd, size)
         while not scanner.finished:
@@ -113,10 +120,15 @@ def _inspect_segment(path: Path, segment_id: int) -> dict[str, Any]:
     return info
 
 
-def _read_acks(path: Path, segment_id: int, size: int, info: dict[str, Any]) -> Acks:
+def _read_ack_file(path: Path, segment_id: int) -> bytes | None:
     try:
-        data = (path / ack_name(segment_id)).read_bytes()
+        return (path / ack_name(segment_id)).read_bytes()
     except FileNotFoundError:
+        return None
+
+
+def _parse_acks(data: bytes | None, segment_id: int, size: int, info: dict[str, Any]) -> Acks:
+    if data is None:
         return Acks()
     acks = parse_acks(data, segment_id, max(0, (size - SEGMENT_HEADER.size) // RECORD_HEADER.size))
     info["ack"] = "garbage" if not acks.header_ok else "torn" if acks.torn else "ok"

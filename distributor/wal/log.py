@@ -15,6 +15,7 @@ and at once when deleting finished segments frees space (``rotation.py``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -28,7 +29,17 @@ from distributor.wal.format import ATTEMPTED, DONE, RECORD_CRC_META, RECORD_HEAD
     encode_ack, segment_name
 from distributor.wal.replay import Replayed, Replayer
 from distributor.wal.rotation import Rotation, describe
-from distributor.wal.segment import TIME_STRIDE, DataFile, Segment, SlotDir, Survey, WalLocked, survey, write_all
+from distributor.wal.segment import (
+    TIME_STRIDE,
+    DataFile,
+    Segment,
+    SlotDir,
+    Survey,
+    WalLocked,
+    release_reserve,
+    survey,
+    write_all,
+)
 from distributor.wal.stats import WalStats
 
 log = logging.getLogger("distributor.wal")
@@ -363,7 +374,12 @@ class WorkerLog:
             if segment.retiring:
                 continue
             try:
-                write_all(segment.ack.fd, b"".join(parts))
+                try:
+                    write_all(segment.ack.fd, b"".join(parts))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not release_reserve(self.path):
+                        raise
+                    write_all(segment.ack.fd, b"".join(parts))  # the reserve's space is for exactly this
             except OSError as exc:  # acks lost only make duplicates after a crash, never a loss
                 self.stats.write_errors += 1
                 log.error("write-ahead log: cannot write acknowledgements of %s: %s", segment_name(segment.id), exc)

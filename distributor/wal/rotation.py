@@ -25,6 +25,7 @@ from distributor.wal.segment import (
     Survey,
     create_segment,
     delete_segment,
+    make_reserve,
     set_aside_segment,
     write_all,
 )
@@ -48,6 +49,7 @@ def probe_segment(path: Path, slot: int, segment_id: int, sync: bool) -> tuple[i
         os.close(ack_fd)
         delete_segment(path, segment_id)
         raise
+    make_reserve(path)  # there is room again: put the reserve back before anything else fills it
     return fd, ack_fd, created_ns
 
 
@@ -218,6 +220,9 @@ class Rotation:
             if file is not None:
                 file.dirty = False  # a file about to go needs no fsync
                 file.close_when_idle()
+        self._remove(segment)
+
+    def _remove(self, segment: Segment) -> None:
         self._stats.segments -= 1
         self.grew(segment, -segment.size)
         job = set_aside_segment if segment.corrupt else delete_segment
@@ -227,9 +232,17 @@ class Rotation:
         error = future.exception()
         name = segment_name(segment.id)
         if error is not None:
+            # still on disk: counted again (bytes toward max_bytes, segments) and tried again later
             self._stats.write_errors += 1
-            log.error("write-ahead log: cannot remove %s: %s", segment.home.path / name, error)
-        elif segment.corrupt:
+            self._stats.segments += 1
+            self.grew(segment, segment.size)
+            log.error("write-ahead log: cannot remove %s: %s; trying again in %.0f s", segment.home.path / name,
+                      error, self._retry_interval, extra={"event": "wal_remove_failed"})
+            if not self.closed:
+                self._loop.call_later(self._retry_interval, self._remove, segment)
+            self._on_change()
+            return
+        if segment.corrupt:
             self._stats.set_aside += 1
             log.error("write-ahead log: damaged segment %s set aside as %s.corrupt-*", segment.home.path / name, name,
                       extra={"event": "wal_set_aside"})

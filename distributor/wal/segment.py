@@ -42,6 +42,11 @@ from distributor.wal.scan import Acks, parse_acks
 log = logging.getLogger("distributor.wal")
 
 LOCK_NAME = "lock"
+# Space kept aside in every slot directory for acknowledgements and ATTEMPTED marks: when the disk
+# fills, the log gives it up so they are still written (a lost ATTEMPTED mark would replay a packet
+# that may have been sent without counting it as a possible duplicate). Not counted in max_bytes.
+RESERVE_NAME = "reserve"
+RESERVE_BYTES = 1 << 20
 TIME_STRIDE = 64  # one accepted time kept per 64 records: enough for the oldest-unacked age
 
 
@@ -152,11 +157,37 @@ class SlotDir:
         self.slot = slot
         self.held = 0  # segment files of this directory still held
         self.lock_fd = lock(path)
+        make_reserve(path)
 
     def unlock(self) -> None:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+def make_reserve(path: Path) -> None:
+    """Put the reserve back (best effort: on a full disk it waits for the next recovery)."""
+    target = path / RESERVE_NAME
+    if target.exists():
+        return
+    temporary = path / (RESERVE_NAME + ".tmp")
+    try:
+        with open(temporary, "wb") as fh:
+            fh.write(bytes(RESERVE_BYTES))
+        os.rename(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+def release_reserve(path: Path) -> bool:
+    """Give the reserve's space back to the filesystem; False if there was none left to give."""
+    try:
+        os.unlink(path / RESERVE_NAME)
+    except OSError:
+        return False
+    log.warning("write-ahead log: disk full, the reserve of %s is used for acknowledgements", path,
+                extra={"event": "wal_reserve_used"})
+    return True
 
 
 def lock(path: Path) -> int:

@@ -32,7 +32,7 @@ class WalStats:
     __slots__ = ("bytes", "own_bytes", "segments", "unacked_packets", "unacked_messages", "appended_packets",
                  "bytes_written", "fsyncs", "fsync_seconds", "replayed_packets", "possible_duplicates",
                  "replay_remaining_bytes", "corrupt_records", "torn_tails", "damaged_acks", "write_errors",
-                 "set_aside")
+                 "set_aside", "orphan_slots")
 
     def __init__(self) -> None:
         self.bytes = 0  # gauge: bytes of every segment file held, adopted ones included
@@ -52,3 +52,4 @@ class WalStats:
         self.damaged_acks = 0  # counter: ack sidecars with unreadable parts (their packets replay as duplicates)
         self.write_errors = 0  # counter: failed writes and fsyncs
         self.set_aside = 0  # counter: segment files renamed .corrupt-<time> for the operator
+        self.orphan_slots = 0  # gauge: slot directories to adopt that a live process still holds

@@ -86,6 +86,7 @@ class IngestWorker:
         self.hurry = asyncio.Event()  # a second SIGTERM: the drain ends now
         self.session: aiohttp.ClientSession | None = None
         self.wal: WorkerLog | None = None
+        self.orphans: list[int] = []  # orphaned WAL slots still held by a live process: adopted later
         self.wal_export: WalExport | None = None
 
     def account_lost_predecessor(self) -> None:
@@ -272,7 +273,7 @@ class IngestWorker:
         floats[row + W_STARTED] = time.time()
         floats[row + W_HEARTBEAT] = time.monotonic()
         if self.config.wal.dir:
-            self.wal = await open_log(self.config.wal, self.slot, self.table.max_workers)
+            self.wal, self.orphans = await open_log(self.config.wal, self.slot, self.table.max_workers)
             self.wal_export = WalExport(self.table, self.slot, self.wal)
             self.wal_export.publish()
             self.app.wal = self.wal
@@ -308,7 +309,8 @@ class IngestWorker:
         heartbeat = asyncio.create_task(self.heartbeat())
         replay = None
         if self.wal is not None:
-            replay = asyncio.create_task(Replay(self.wal, self.app, self.config.queue.worker_max_bytes).run())
+            replay = asyncio.create_task(Replay(self.wal, self.app, self.config.queue.worker_max_bytes,
+                                                self.orphans).run())
         await self.stop.wait()
         ints[row + W_STATE] = W_STOPPING
         if replay is not None:

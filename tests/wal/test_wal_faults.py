@@ -95,7 +95,7 @@ def test_acknowledgements_that_cannot_be_written_only_cost_duplicates(tmp_path: 
 
 def test_enospc_on_a_small_tmpfs_answers_failure_and_recovers_when_space_returns(tmp_path: Path) -> None:
     mount = tmp_path / "small"
-    _mount_tmpfs(mount, "2m")
+    _mount_tmpfs(mount, "3m")  # 1 MiB of it the log keeps in reserve for acknowledgements
     try:
         run(_fill_and_recover(mount))
     finally:
@@ -176,3 +176,43 @@ def test_a_read_only_filesystem_at_start_opens_unavailable_and_recovers_when_wri
         run(scenario())
     finally:
         _unmount(mount)
+
+
+def test_attempted_marks_are_written_on_a_full_disk_from_the_reserve(tmp_path: Path) -> None:
+    """A packet sent while the disk is full must still replay as a possible duplicate: its ATTEMPTED mark
+    goes into the space the log kept in reserve."""
+    mount = tmp_path / "full"
+    _mount_tmpfs(mount, "3m")
+    try:
+        run(_attempt_on_a_full_disk(mount))
+    finally:
+        _unmount(mount)
+
+
+async def _attempt_on_a_full_disk(mount: Path) -> None:
+    log = await WorkerLog.open(mount, 0, sync="none", segment_bytes=1 << 20, max_bytes=64 << 20)
+    assert (mount / "worker-0" / "reserve").exists()
+    refs, ok = await append_turn(log, [packet(i, 64) for i in range(1014 + 20)])
+    assert ok
+    await log.attempted(refs[:1014])  # 24 + 16 + 4 x 1014 bytes: the sidecar ends exactly at a page
+    ack = max((mount / "worker-0").glob("*.ack"), key=lambda path: path.stat().st_size)
+    assert ack.stat().st_size == 4096
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:  # every page left
+        for chunk in (64 << 10, 4096):
+            try:
+                while True:
+                    os.write(fd, bytes(chunk))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    await log.attempted(refs[1014:])  # handed to the wire on a full disk: the marks need a new page
+    assert not (mount / "worker-0" / "reserve").exists(), "the reserve made room for the marks"
+    await log.close()
+    filler.unlink()
+    log = await WorkerLog.open(mount, 0, sync="none")
+    replayed = await replay_all(log)
+    await log.close()
+    assert len(replayed) == 1034 and all(r.possible_duplicate for r in replayed)
