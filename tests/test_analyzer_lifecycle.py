@@ -557,3 +557,42 @@ def test_name_back_before_its_old_slot_is_free_has_one_row_and_continues_its_cou
     send(cluster, 100, "after")
     cluster.wait_drained()
     assert_monotonic(back, counter_samples(cluster))
+
+
+# --- review of issues 16/17, defect 8: a name whose slot went to another name keeps its counters -------------
+
+
+def test_name_back_after_another_name_took_its_slot_continues_its_counters(make_cluster: Factory) -> None:
+    """x leaves and, the table being full, y gets x's slot (and x's removed row goes); x then comes back in the
+    slot b0 freed. x's counters and series must go on from where they were, not start again at 0."""
+    cluster = make_cluster(analyzers=(("a1", 1.0), ("a2", 1.0)), workers=1, distributor_args=settings())
+    spare = start_spare(cluster, "spare")
+    assert call(cluster, "POST", "/admin/analyzers", {"name": "x", "url": spare.url, "weight": 1.0})[0] == 201
+    send(cluster, 60, "to-x")
+    cluster.wait_drained()
+    counted = ("routed_messages", "routed_packets", "delivered_messages", "delivered_packets", "net_routed_messages")
+    x_before = {key: one(cluster, "x")[key] for key in counted}
+    assert x_before["delivered_packets"] > 0
+    before = counter_samples(cluster)
+    for i in range(61):  # a1, a2, x and 61 more: every one of the 64 slots is taken
+        status, body = call(cluster, "POST", "/admin/analyzers", {"name": f"b{i}", "url": spare.url, "weight": 1.0})
+        assert status == 201, f"add b{i}: {status} {body}"
+    assert call(cluster, "DELETE", "/admin/analyzers/x")[0] == 202
+    wait_until(lambda: gone(cluster, "x"), 10, "x removed")
+    status, body = call(cluster, "POST", "/admin/analyzers", {"name": "y", "url": spare.url, "weight": 1.0})
+    assert status == 201, f"add y into x's slot: {status} {body}"
+    assert "x" not in {r["name"] for r in rows(cluster)}, "x's slot went to y: its removed row is gone"
+    assert call(cluster, "DELETE", "/admin/analyzers/b0")[0] == 202
+    wait_until(lambda: gone(cluster, "b0"), 10, "b0 removed")
+    status, body = call(cluster, "POST", "/admin/analyzers", {"name": "x", "url": spare.url, "weight": 1.0})
+    assert status == 201, f"x back into b0's slot: {status} {body}"
+    x_back = {key: one(cluster, "x")[key] for key in counted}
+    assert x_back == x_before, f"x's counters after it came back: {x_back}, before it left: {x_before}"
+    after = counter_samples(cluster)
+    assert_monotonic(before, after)
+    key = ("distributor_messages_total", (("analyzer", "x"), ("outcome", "delivered")))
+    assert after[key] == before[key] > 0
+    send(cluster, 60, "x-again")  # and they go on from there
+    cluster.wait_drained()
+    assert one(cluster, "x")["delivered_packets"] > x_before["delivered_packets"]
+    assert_monotonic(after, counter_samples(cluster))

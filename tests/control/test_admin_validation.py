@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -117,3 +119,35 @@ def test_workers_do_not_inherit_the_admin_token(
         with open(f"/proc/{pid}/environ", "rb") as fh:
             environ = fh.read()
         assert TOKEN.encode() not in environ, f"worker {pid} holds the admin token in its environment"
+
+
+# --- review of issues 16/17, defect 10: a change that cannot be saved says why, in JSON ----------------------------
+
+
+def test_an_admin_change_that_cannot_be_saved_answers_a_json_state_not_saved(
+    make_cluster: Callable[..., LocalCluster], tmp_path: Path,
+) -> None:
+    """With admin.state_file's directory gone, every change is refused and not applied; the answer was aiohttp's
+    text/plain '500 Internal Server Error' (a traceback in the log), which says nothing of the state file."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    cluster = make_cluster(analyzers=(("a1", 1.0), ("a2", 1.0)), distributor_args=[
+        *AUTH, "--set", f"admin.state_file={state_dir / 'state.json'}"])
+    shutil.rmtree(state_dir)  # as root, chmod would not stop the writes
+    url = cluster.analyzer("a1").url
+    changes: list[tuple[str, str, Any]] = [
+        ("PUT", "/admin/analyzers/a1", {"weight": 3}),
+        ("POST", "/admin/analyzers/a1/drain", None),
+        ("DELETE", "/admin/analyzers/a2", None),
+        ("POST", "/admin/analyzers", {"name": "a3", "url": url, "weight": 1}),
+    ]
+    for method, path, body in changes:
+        status, answer = call(cluster, method, path, body)
+        assert status == 500 and isinstance(answer, dict), f"{method} {path}: {status} {answer!r}"
+        assert answer["error"] == "state_not_saved", answer
+        assert "admin.state_file" in answer["detail"] and "nothing was changed" in answer["detail"], answer
+    view = {a["name"]: a for a in cluster.admin("/admin/analyzers")["analyzers"]}
+    assert sorted(view) == ["a1", "a2"]
+    assert [(a["weight"], a["draining"], a["state"]) for a in view.values()] == [(1.0, False, "active")] * 2
+    assert cluster.distributor is not None
+    assert "Traceback" not in cluster.distributor.log_tail(300)

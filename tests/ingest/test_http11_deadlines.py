@@ -190,3 +190,50 @@ def test_client_that_never_reads_is_dropped_after_the_idle_timeout() -> None:
         c.close()
     finally:
         s.stop()
+
+
+# ---- review of issues 16/17, defect 5: a steady slow reader with the kernel's buffers in between --------
+
+
+def test_steady_slow_reader_keeps_every_answer_while_the_kernel_buffers_drain() -> None:
+    """With default socket buffers, megabytes of answers wait in the kernel (the server's send queue and the
+    client's receive queue) before any waits in the server's own buffer. While a slow reader drains the
+    kernel's part, the server's own buffer does not shrink for seconds; judged by that buffer alone, a reader
+    taking 1 MiB/s without a pause was cut off after idle_timeout with answers lost."""
+    limits = HttpLimits(idle_timeout=0.5)
+    s = ServerThread(limits)  # default kernel buffers (the other slow-reader tests shrink them)
+    try:
+        c = Client(s.addr, timeout=10.0)
+        total = 400  # 20 KB answers: 8 MB, more than the kernel buffers hold (observed below)
+        sender = threading.Thread(target=c.send, args=(b"".join(post(b"/ingest?pad=%d" % PAD) for _ in range(total)),),
+                                  daemon=True)
+        sender.start()
+        rate = 1 << 20  # bytes per second, taken in 16 KiB reads at an even pace
+        started = time.monotonic()
+        received = answers = reads = 0
+        held = False  # seen the server hold answers in its own buffer: the kernel's were full
+        while answers < total:
+            due = started + received / rate
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())  # the reader's pace, not a synchronisation
+            chunk = c.sock.recv(16 << 10)
+            assert chunk, (f"the server closed the connection of a steady reader after {answers} of {total} answers "
+                           f"({received} bytes in {time.monotonic() - started:.1f} s; idle_timeout "
+                           f"{limits.idle_timeout} s)")
+            tail = c.buf[-16:]
+            c.buf += chunk
+            answers += (tail + chunk).count(b"HTTP/1.1 ") - tail.count(b"HTTP/1.1 ")
+            received += len(chunk)
+            reads += 1
+            if not held and reads % 16 == 0:
+                held = write_buffer(s) > 0
+        assert held, "the kernel buffers took every answer: this test did not test a slow reader"
+        read_answers(c, total, PAD)
+        sender.join(10)
+        c.send(post(b"/ingest?after=1"))  # the connection is still open and in sync
+        status, _, body = c.response()
+        assert status == 202 and orjson.loads(body)["query"] == "after=1"
+        assert s.run(lambda: s.stats.idle_closed) == 0
+        c.close()
+    finally:
+        s.stop()

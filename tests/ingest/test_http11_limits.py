@@ -190,3 +190,21 @@ def test_other_http_versions_505_and_close(srv: ServerThread, raw: bytes) -> Non
     assert c.closed()
     assert srv.run(lambda: srv.stats.requests) == 0
 
+
+
+# ---- review of issues 16/17, defect 12: the first chunk-size line counts toward max_header_bytes ----------
+
+
+def test_never_ending_extension_on_the_first_chunk_size_line_431_before_client_finishes(srv: ServerThread) -> None:
+    """Chunk extensions are not chunk data: like a head, the first chunk-size line is limited by max_header_bytes
+    (16 KiB). It was not counted at all (only later chunk-size lines were), so 8 MB of one extension were read."""
+    c = Client(srv.addr, nodelay=True)
+    c.send(CHUNKED_HEAD + b"1;ext=")
+    planned = 2000  # 8 MB of one chunk extension, never terminated
+    sent = send_until_answered(c, b"e" * 4096, planned)
+    assert sent < planned, f"{sent * 4096} bytes of one chunk-size line were sent and the server never answered"
+    status, h, body = c.response()
+    assert status == 431 and h[b"connection"] == b"close"
+    assert orjson.loads(body)["error"] == "headers_too_large"
+    assert c.closed()
+    assert srv.run(lambda: srv.stats.too_large) == 1
