@@ -15,6 +15,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -414,15 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="levels counted one by one; messages of further levels go to the overflow count")
     p.add_argument("--sink", action="store_true",
                    help="benchmark sink: dedup and count packets/messages only, no per-level/emitter counts")
+    p.add_argument("--tls-cert", default="", help="serve https with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", default="", help="require client certificates signed by this CA (PEM)")
     return p
 
 
-async def serve(host: str, port: int, config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight requests and return."""
+async def serve(host: str, port: int, config: Config, tls: ssl.SSLContext | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight requests and return (https with ``tls``)."""
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = web.TCPSite(runner, host, port, backlog=1024, ssl_context=tls)
     try:
         await site.start()
     except BaseException:
@@ -430,7 +434,7 @@ async def serve(host: str, port: int, config: Config) -> None:
         raise
     addresses = runner.addresses  # reports the real port when --listen used port 0
     actual = int(addresses[0][1]) if addresses else port
-    log.info("analyzer %s listening on http://%s:%d", config.name, host, actual)
+    log.info("analyzer %s listening on %s://%s:%d", config.name, "https" if tls else "http", host, actual)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -463,8 +467,15 @@ def main(argv: list[str] | None = None) -> None:
     host, port = args.listen
     import uvloop
 
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key or None)
+        if args.tls_client_ca:
+            tls.load_verify_locations(args.tls_client_ca)
+            tls.verify_mode = ssl.CERT_REQUIRED
     try:
-        uvloop.run(serve(host, port, config))
+        uvloop.run(serve(host, port, config, tls))
     except OSError as exc:
         log.error("analyzer %s cannot listen on %s:%d: %s", config.name, host, port, exc)
         sys.exit(1)

@@ -249,6 +249,23 @@ class TracingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS on the data port and the control plane (``cert_file`` and ``key_file`` set: on), optionally
+    requiring emitters' client certificates, and the trust toward ``https://`` analyzers."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""      # set: emitters must present a certificate it signed (data port only)
+    analyzer_ca_file: str = ""    # trust for https:// analyzers (empty: the system's CA bundle)
+    analyzer_cert_file: str = ""  # client certificate toward analyzers (with analyzer_key_file)
+    analyzer_key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Address = Address("0.0.0.0", 8080)
     admin_listen: Address = Address("127.0.0.1", 9091)
@@ -270,6 +287,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     wal: WalConfig = WalConfig()
     tracing: TracingConfig = TracingConfig()
+    tls: TlsConfig = TlsConfig()
 
     def validate(self) -> "Config":
         """Return self, or raise ConfigError naming the first bad field."""
@@ -316,6 +334,14 @@ class Config:
         if len(self.analyzers) > MAX_ANALYZERS:
             raise ConfigError(f"analyzers: at most {MAX_ANALYZERS} analyzers, got {len(self.analyzers)}")
         rules = self.analyzer_rules
+        tls = self.tls
+        for cert, key, what in ((tls.cert_file, tls.key_file, "tls"), (tls.analyzer_cert_file, tls.analyzer_key_file,
+                                                                         "tls.analyzer")):
+            if bool(cert) != bool(key):
+                raise ConfigError(f"{what}: cert_file and key_file go together" if what == "tls" else
+                                  "tls.analyzer_cert_file and tls.analyzer_key_file go together")
+        if tls.client_ca_file and not tls.enabled:
+            raise ConfigError("tls.client_ca_file: needs tls.cert_file and tls.key_file (TLS on the data port)")
         if self.tracing.endpoint:
             _check_url("tracing.endpoint", self.tracing.endpoint, rules)
         elif self.tracing.sample_ratio:
@@ -353,7 +379,7 @@ class Config:
 
 
 SECTIONS = ("ingest", "queue", "sender", "health", "outlier", "overload", "rate_limit", "admin", "wal",
-            "tracing")
+            "tracing", "tls")
 
 
 def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:
@@ -487,8 +513,8 @@ def _check_url(where: str, url: object, rules: AnalyzerRules) -> None:
         port = parts.port
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc} in {_shown(url)}") from None
-    if parts.scheme != "http" or not parts.hostname or "?" in url or "#" in url:
-        raise ConfigError(f"{where}: expected http://HOST:PORT[/path], got {_shown(url)}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or "?" in url or "#" in url:
+        raise ConfigError(f"{where}: expected http[s]://HOST:PORT[/path], got {_shown(url)}")
     if "@" in parts.netloc:
         raise ConfigError(f"{where}: credentials in the URL are refused (they would show in /admin/analyzers, "
                           "logs and the state file)")

@@ -36,6 +36,7 @@ from distributor.cgroup import CgroupMemory
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.ingest.listener import PortClaim, claim_port
+from distributor.tls import analyzer_context, server_context
 from distributor.wal.segment import WalLocked, lock
 from distributor.shared_table import (
     H_MEMORY_PRESSURE,
@@ -60,7 +61,7 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format", "ingest", "queue", "sender",
                    "outlier", "overload", "rate_limit", "tracing")
 # the WAL too: a worker rolled onto another directory would leave the old one's packets behind
-RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal")
+RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal", "tls")
 # settings the supervisor reads: a reload applies them at once (analyzers are reported by the analyzer set)
 SUPERVISOR_SETTINGS = ("worker_timeout", "max_worker_memory_mb", "health", "admin")
 PRESSURE_HYSTERESIS = 0.05  # pressure ends this far under the watermark
@@ -120,6 +121,8 @@ class Supervisor:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self._reload_config = reload_config
+        server_context(config.tls, verify_clients=True)  # a bad certificate file: exit 2 now, not a boot loop
+        analyzer_context(config.tls)
         self._port_claim: PortClaim | None = claim_port(config.listen, config.allow_shared_port)
         try:  # one distributor per WAL directory: a second one would take slots the first one's workers own
             self._wal_claim = lock(Path(config.wal.dir)) if config.wal.dir else -1

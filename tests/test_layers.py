@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "distributor.shared_table": 0,
     "distributor.logs": 0,
     "distributor.cgroup": 0,
+    "distributor.tls": 1,  # builds on the base (config); used by workers, the supervisor and the control plane
     "distributor.tracing": 0,  # used by ingest/ (ingest spans) and delivery/ (send spans); imports neither
     "distributor.wal": 1,
     "distributor.delivery": 1,

@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from distributor.control.admin_api import AdminApi
 from distributor.control.metrics import TableCollector, cumulative
+from distributor.tls import server_context
 from distributor.shared_table import (
     C_NET_ROUTED_MESSAGES,
     H_MEMORY_PRESSURE,
@@ -290,5 +291,6 @@ async def start_control_plane(supervisor: "Supervisor") -> web.AppRunner:
     runner = web.AppRunner(build_app(supervisor), access_log=None)
     await runner.setup()
     address = supervisor.config.admin_listen
-    await web.TCPSite(runner, address.host, address.port).start()
+    context = server_context(supervisor.config.tls, verify_clients=False)  # admin: bearer token, not certificates
+    await web.TCPSite(runner, address.host, address.port, ssl_context=context).start()
     return runner

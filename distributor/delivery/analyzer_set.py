@@ -32,6 +32,7 @@ from distributor.config import AnalyzerConfig, Config, ConfigError, validate_ana
 from distributor.delivery.health import AnalyzerHealth, CheckResult, check
 from distributor.delivery.slots import SlotAllocator
 from distributor.delivery.state_file import AdminState, check_writable, load_state, save_state
+from distributor.tls import analyzer_context
 from distributor.shared_table import (
     C_EJECTION_REPORTS,
     C_QUEUE_PACKETS,
@@ -297,7 +298,8 @@ class AnalyzerSet:
 
     async def check_forever(self) -> None:
         """Health rounds every ``health.interval`` until cancelled; an error in one round is logged, not fatal."""
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=analyzer_context(self.config.tls))
+        async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 started = time.monotonic()
                 try:

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import math
 import socket
+import ssl
 import sys
 import termios
 import time
@@ -739,11 +740,13 @@ class HttpServer:
         """Open connections admitted under max_connections (rejected ones are not counted)."""
         return self._open
 
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on an already bound and listening socket (SO_REUSEPORT is the caller's business)."""
+    async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Serve on an already bound and listening socket (SO_REUSEPORT is the caller's business), over TLS
+        with ``ssl_context``."""
         loop = asyncio.get_running_loop()
         # create_server calls listen() again (default 100); ask for more, the kernel clamps to somaxconn
-        self._server = await loop.create_server(self._factory, sock=sock, backlog=65535)
+        self._server = await loop.create_server(self._factory, sock=sock, backlog=65535, ssl=ssl_context,
+                                                ssl_handshake_timeout=self.limits.header_timeout)
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:

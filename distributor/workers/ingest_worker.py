@@ -28,6 +28,7 @@ from distributor.ingest.listener import bind_reuseport
 from distributor.ingest.recovery import Replay, open_log
 from distributor.ingest.app import IngestApp
 from distributor.logs import setup_logging
+from distributor.tls import analyzer_context, server_context
 from distributor.wal.export import WalExport
 from distributor.wal.log import WorkerLog
 from distributor.delivery.routing import NO_ANALYZER, Router
@@ -280,7 +281,8 @@ class IngestWorker:
         self.account_lost_predecessor()
         sender_config = self.config.sender
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=sender_config.max_inflight),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=sender_config.max_inflight,
+                                           ssl=analyzer_context(self.config.tls)),
             timeout=aiohttp.ClientTimeout(
                 total=sender_config.request_timeout, sock_connect=sender_config.connect_timeout
             ),
@@ -303,7 +305,7 @@ class IngestWorker:
             log.error("worker %d: cannot bind %s: %s", self.slot, self.config.listen, exc.strerror)
             await self.session.close()
             return BOOT_ERROR_EXIT
-        await server.start(sock)
+        await server.start(sock, server_context(self.config.tls, verify_clients=True))
         self.app.guard.start()
         ints[row + W_STATE] = W_READY
         heartbeat = asyncio.create_task(self.heartbeat())
