@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from time import monotonic
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httptools
 import orjson
@@ -745,8 +745,9 @@ class HttpServer:
         with ``ssl_context``."""
         loop = asyncio.get_running_loop()
         # create_server calls listen() again (default 100); ask for more, the kernel clamps to somaxconn
-        self._server = await loop.create_server(self._factory, sock=sock, backlog=65535, ssl=ssl_context,
-                                                ssl_handshake_timeout=self.limits.header_timeout)
+        tls: dict[str, Any] = {} if ssl_context is None else {
+            "ssl": ssl_context, "ssl_handshake_timeout": self.limits.header_timeout}
+        self._server = await loop.create_server(self._factory, sock=sock, backlog=65535, **tls)
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
