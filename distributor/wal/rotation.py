@@ -224,18 +224,19 @@ class Rotation:
 
     def _remove(self, segment: Segment) -> None:
         self._stats.segments -= 1
-        self.grew(segment, -segment.size)
+        size = segment.size
+        self.grew(segment, -size)
         job = set_aside_segment if segment.corrupt else delete_segment
-        self._submit(job, (segment.home.path, segment.id), partial(self._retired, segment))
+        self._submit(job, (segment.home.path, segment.id), partial(self._retired, segment, size))
 
-    def _retired(self, segment: Segment, future: asyncio.Future[None]) -> None:
+    def _retired(self, segment: Segment, size: int, future: asyncio.Future[None]) -> None:
         error = future.exception()
         name = segment_name(segment.id)
         if error is not None:
             # still on disk: counted again (bytes toward max_bytes, segments) and tried again later
             self._stats.write_errors += 1
             self._stats.segments += 1
-            self.grew(segment, segment.size)
+            self.grew(segment, size)
             log.error("write-ahead log: cannot remove %s: %s; trying again in %.0f s", segment.home.path / name,
                       error, self._retry_interval, extra={"event": "wal_remove_failed"})
             if not self.closed:

@@ -6,13 +6,14 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from distributor.wal.format import RECORD_HEADER
+from distributor.wal.format import RECORD_HEADER, SEGMENT_HEADER
 from distributor.wal.log import WorkerLog
 from wal_support import append_turn, durable, packet, replay_all, run
 
@@ -207,5 +208,74 @@ def test_a_failed_fsync_answers_failure_and_the_log_recovers_by_itself(tmp_path:
         await log.close()
         # what failed was answered failure and left the log: only what was promised replays
         assert [r.raw for r in replayed] == [packet(i) for i in (*range(5), *range(10, 15))]
+
+    run(scenario())
+
+
+def test_always_releases_a_turn_without_waiting_for_a_backlog_of_acknowledgement_fsyncs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (review of issue 11): with ``sync = always`` an fsync round used to fdatasync every dirty
+    ``.ack`` sidecar too, one after the other, before it released its turns, so a backlog of sidecars
+    (hundreds during a replay) delayed every 202. Acknowledgements only cost duplicates when lost: a turn
+    waits for one fsync of its segment, never for the sidecars.
+
+    The disk is slow for sidecars only: an ``.ack`` fdatasync blocks until the probe packet's callback has
+    run (at most ``ACK_STALL`` seconds, after which every sidecar fsync goes through at once). The test
+    asserts the order of the fsyncs and the callback, never a duration."""
+    segments = 200
+    ack_stall = 10.0
+    events: list[Event] = []
+    released = threading.Event()
+    stall_until: list[float] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        name = _name(fd)
+        if name.endswith(".ack"):
+            events.append(("ack-fsync-start", name))
+            released.wait(max(0.0, stall_until[0] - time.monotonic()))  # a slow disk, for sidecars only
+            real(fd)
+            events.append(("ack-fsync-end", name))
+        else:
+            real(fd)
+            if name.endswith(".wal"):
+                events.append(("segment-fsync-end", name))
+
+    def on_durable(future: asyncio.Future[bool], ok: bool) -> None:
+        events.append(("durable", ok))
+        released.set()
+        future.set_result(ok)
+
+    async def scenario() -> None:
+        log = await WorkerLog.open(tmp_path, 0, sync="always", sync_interval=0.01,
+                                   segment_bytes=SEGMENT_HEADER.size + 1)  # one segment per turn
+        await log.settle()
+        refs: list[int] = []
+        for turn in range(segments):  # two packets per segment: one is acknowledged, one stays pending
+            turn_refs, ok = await append_turn(log, [packet(2 * turn), packet(2 * turn + 1)])
+            assert ok
+            refs.append(turn_refs[0])
+            await log.settle()  # the spare is ready: the next turn rolls to it
+        assert log.stats.segments >= segments
+        stall_until.append(time.monotonic() + ack_stall)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        for ref in refs:  # one DONE mark in each segment's sidecar: `segments` dirty .ack files
+            log.ack(ref)
+        await durable(log)  # the acks are written (a turn without records has no fsync to wait for)
+        loop = asyncio.get_running_loop()
+        probe: asyncio.Future[bool] = loop.create_future()
+        events.append(("append",))
+        log.append(packet(10_000), 1)
+        log.when_durable(partial(on_durable, probe))
+        assert await asyncio.wait_for(probe, 60)
+        at = events.index(("durable", True))
+        before = events[events.index(("append",)):at]
+        acks_before = [e for e in before if e[0] == "ack-fsync-end"]
+        assert not acks_before, (f"the sync=always callback waited for {len(acks_before)} acknowledgement "
+                                 f"fsyncs (of {segments} dirty sidecars)")
+        assert len([e for e in before if e[0] == "segment-fsync-end"]) == 1, before
+        await log.close()  # the sidecars are still fsynced, in rounds of their own
+        synced = {e[1] for e in events if e[0] == "ack-fsync-end"}
+        assert len(synced) >= segments, f"only {len(synced)} sidecars fsynced"
 
     run(scenario())

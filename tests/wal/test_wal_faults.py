@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
+from distributor.wal import segment as segment_module
 from distributor.wal.inspect import inspect, verify
 from distributor.wal.log import WalUnavailable, WorkerLog
-from wal_support import append_turn, number, packet, replay_all, run
+from wal_support import append_turn, durable, number, packet, replay_all, run
 
 
 def _name(fd: int) -> str:
@@ -216,3 +219,105 @@ async def _attempt_on_a_full_disk(mount: Path) -> None:
     replayed = await replay_all(log)
     await log.close()
     assert len(replayed) == 1034 and all(r.possible_duplicate for r in replayed)
+
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` on the running loop (the log's callbacks go on meanwhile) until true or the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class _FailingUnlink:
+    """``os.unlink`` as ``distributor.wal.segment`` calls it: EIO for the segment files of one slot directory
+    while ``failing`` is set; every refused name is recorded (one entry per attempt)."""
+
+    def __init__(self, slot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.slot = slot
+        self.failing = threading.Event()
+        self.failing.set()
+        self.refused: list[str] = []
+        self._real = os.unlink
+        monkeypatch.setattr(segment_module.os, "unlink", self)
+
+    def __call__(self, path: Any, *args: Any, **kwargs: Any) -> None:
+        where, name = os.path.split(os.fspath(path))
+        if self.failing.is_set() and name.endswith(".wal") and where == str(self.slot):
+            self.refused.append(name)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self._real(path, *args, **kwargs)
+
+    def on_disk(self) -> tuple[int, int]:
+        """(segment files, their bytes) in the slot directory."""
+        files = list(self.slot.glob("*.wal"))
+        return len(files), sum(path.stat().st_size for path in files)
+
+
+async def _retire_segments_that_cannot_be_removed(root: Path, unlink: _FailingUnlink) -> WorkerLog:
+    """A log whose first six segments were delivered and retired, and whose removal failed."""
+    log = await WorkerLog.open(root, 0, sync="none", segment_bytes=4096, retry_interval=0.05)
+    await log.settle()
+    for turn in range(6):  # 20 x 200 bytes per turn: each turn fills a segment, which rolls
+        refs, ok = await append_turn(log, [packet(turn * 100 + i, 200) for i in range(20)])
+        assert ok
+        for ref in refs:
+            log.ack(ref)
+        await durable(log)  # DONE marks written: the full segments retire (and their removal fails)
+        await log.settle()
+    assert len(set(unlink.refused)) >= 4, unlink.refused
+    await log.settle()  # no removal in flight: the books are as they stand
+    return log
+
+
+def test_a_segment_whose_removal_failed_is_counted_again_and_removed_once_unlink_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (review of issue 11): when deleting a finished segment failed (EIO on unlink), the books
+    forgot it anyway and it stayed on disk for the rest of the process' life. Now it is counted again and
+    removed by a retry every ``retry_interval`` once unlink works."""
+    unlink = _FailingUnlink(tmp_path / "worker-0", monkeypatch)
+
+    async def scenario() -> None:
+        log = await _retire_segments_that_cannot_be_removed(tmp_path, unlink)
+        files, _ = unlink.on_disk()
+        assert log.stats.segments == files, (f"the books count {log.stats.segments} segments, {files} are on disk "
+                                             f"({len(set(unlink.refused))} could not be removed)")
+        assert log.stats.write_errors >= len(set(unlink.refused))
+        stuck = sorted(set(unlink.refused))
+        tries = len(unlink.refused)
+        await _until(lambda: len(unlink.refused) >= tries + len(stuck), 10, "the failed removals to be tried again")
+        unlink.failing.clear()
+        await _until(lambda: not any((unlink.slot / name).exists() for name in stuck), 10,
+                     f"{len(stuck)} segments whose removal failed to be removed once unlink works")
+        await log.settle()
+        files, size = unlink.on_disk()
+        assert files == 2, sorted(path.name for path in unlink.slot.glob("*.wal"))  # the active one and the spare
+        assert (log.stats.segments, log.stats.bytes, log.stats.own_bytes) == (files, size, size)
+        assert not any((unlink.slot / name).with_suffix(".ack").exists() for name in stuck)
+        await log.close()
+        log = await WorkerLog.open(tmp_path, 0, sync="none")
+        assert await replay_all(log) == []
+        await log.close()
+
+    run(scenario())
+
+
+def test_a_segment_whose_removal_failed_still_counts_its_bytes_toward_max_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second half of "counted again": the bytes of a segment still on disk count toward ``max_bytes``."""
+    unlink = _FailingUnlink(tmp_path / "worker-0", monkeypatch)
+
+    async def scenario() -> None:
+        log = await _retire_segments_that_cannot_be_removed(tmp_path, unlink)
+        try:
+            files, size = unlink.on_disk()
+            assert (log.stats.segments, log.stats.bytes, log.stats.own_bytes) == (files, size, size), (
+                f"the books count {log.stats.segments} segments / {log.stats.bytes} bytes (own "
+                f"{log.stats.own_bytes}); on disk: {files} segments / {size} bytes")
+        finally:
+            unlink.failing.clear()
+            await log.close()
+
+    run(scenario())

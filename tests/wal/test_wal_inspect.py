@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from distributor.wal.inspect import inspect, render, verify
@@ -100,3 +103,50 @@ def test_a_missing_directory_is_empty_not_an_error(tmp_path: Path) -> None:
     assert report["exists"] is False and report["workers"] == []
     assert verify(tmp_path / "nope") == []
     assert "no such directory" in render(report)
+
+
+WRITER = Path(__file__).with_name("live_writer.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_inspect_and_verify_on_a_live_log_never_raise_nor_report_problems(tmp_path: Path) -> None:
+    """Regression (review of issue 11): the tools are documented as safe on a running distributor's
+    directory, but a segment deleted between the listing and its opening raised FileNotFoundError, and a
+    sidecar read after the segment was sized could hold marks for records appended meanwhile, which were
+    reported as "unreadable acknowledgement records". A real writer process (``live_writer.py``: appends
+    and acknowledges without end in 4 KiB segments, deleted as soon as they roll) works on the directory
+    while the tools read it for a few seconds."""
+    root = tmp_path / "wal"
+    errors = tmp_path / "writer.err"
+    with open(errors, "wb") as err:
+        writer = subprocess.Popen([sys.executable, str(WRITER), str(root)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list((root / "worker-0").glob("*.wal"))) < 2:  # the writer is under way
+            assert writer.poll() is None, errors.read_text()
+            assert time.monotonic() < deadline, "the writer made no segments"
+            time.sleep(0.01)
+        calls = 0
+        raised: list[str] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        end = time.monotonic() + 3.0  # how long the tools read the live directory, not a synchronisation
+        while time.monotonic() < end:
+            calls += 1
+            try:
+                problems += verify(root)
+                report = inspect(root)
+            except Exception as exc:  # collected: the assertion below shows how many and which
+                raised.append(f"{type(exc).__name__}: {exc}")
+                continue
+            seen.update(segment["name"] for worker in report["workers"] for segment in worker["segment_list"])
+        assert writer.poll() is None, f"the writer died: {errors.read_text()[-2000:]}"
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert not raised and not problems, (
+        f"{len(raised)} of {calls} inspect/verify calls raised (first: {raised[:2]}); {len(problems)} problems "
+        f"reported on a healthy live log (first: {problems[:2]})")
+    assert len(seen) >= 10, f"only {len(seen)} segments seen in {calls} calls: the writer hardly turned over"
+    assert verify(root) == []  # and once it stopped (killed: at most a torn tail, which is not a problem)
