@@ -185,7 +185,7 @@ def test_tracing_configuration_is_validated() -> None:
         ({"sample_ratio": 1.5, "endpoint": "http://127.0.0.1:4318"}, "tracing.sample_ratio"),
         ({"sample_ratio": -0.1, "endpoint": "http://127.0.0.1:4318"}, "tracing.sample_ratio"),
         ({"sample_ratio": 0.1}, "tracing.endpoint: required"),
-        ({"endpoint": "https://127.0.0.1:4318"}, "tracing.endpoint"),
+        ({"endpoint": "ftp://127.0.0.1:4318"}, "tracing.endpoint"),
         ({"endpoint": "http://169.254.169.254/"}, "link-local"),
         ({"endpoint": "http://127.0.0.1:9091"}, "admin_listen")]
     for tracing, message in bad:

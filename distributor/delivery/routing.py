@@ -39,18 +39,20 @@ NO_ANALYZER = -1
 def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_room: Callable[[int], bool]) -> int:
     """Index of the analyzer that should take ``messages``; NO_ANALYZER if none has room.
 
-    ``weights`` must be normalised (sum 1) over the candidates.
+    ``weights`` must be normalised (sum 1) over the candidates. The best score wins (the first
+    of equals); only when it has no room are the others asked, best first.
     """
-    total = messages
-    for value in routed:
-        total += value
-    best = NO_ANALYZER
-    best_score = 0.0
-    for index, weight in enumerate(weights):
-        score = weight * total - routed[index]
-        if (best == NO_ANALYZER or score > best_score) and has_room(index):
-            best, best_score = index, score
-    return best
+    total = sum(routed) + messages
+    scores = [weight * total - value for weight, value in zip(weights, routed)]
+    if not scores:
+        return NO_ANALYZER
+    best = scores.index(max(scores))
+    if has_room(best):
+        return best
+    for index in sorted(range(len(scores)), key=scores.__getitem__, reverse=True):
+        if index != best and has_room(index):
+            return index
+    return NO_ANALYZER
 
 
 class Router:

@@ -18,10 +18,9 @@ import logging
 import random
 from typing import Protocol
 
-import aiohttp
-
 from distributor.config import OutlierConfig, SenderConfig
 from distributor.delivery.compression import compressed
+from distributor.delivery.http_client import HttpClient, SendError, target
 from distributor.delivery.queue import NO_REF, Counters, Packet, PacketQueue, byte_count, message_count
 from distributor.logs import RateLimitedLog
 from distributor.tracing import SendTrace, sampled, start_send
@@ -73,7 +72,7 @@ class AnalyzerSender:
         queue: PacketQueue,
         config: SenderConfig,
         outlier: OutlierConfig,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         counters: Counters,
         cell: int,
         host: FailoverHost,
@@ -83,12 +82,13 @@ class AnalyzerSender:
         self.slot = slot
         self.name = name
         self.url = url.rstrip("/")
+        self._target = target(self.url)
         self.mode = mode
         self.compression = compression
         self.queue = queue
         self._config = config
         self._outlier = outlier
-        self._session = session
+        self._client = client
         self._counters = counters
         self._cell = cell
         self._host = host
@@ -137,6 +137,7 @@ class AnalyzerSender:
         """
         self.name = name
         self.url = url.rstrip("/")
+        self._target = target(self.url)
         self.mode = mode
         self.compression = compression
         self._batch_max = self._config.batch_max_packets if mode == "batch" else 1
@@ -338,35 +339,32 @@ class AnalyzerSender:
 
     async def _post(self, batch: list[Packet], traceparent: str | None) -> tuple[int, str | None, bool]:
         """(status or 0, Retry-After, whether the analyzer may have taken it despite the failure)."""
-        if self.mode == "batch":
-            url = self.url + "/ingest/batch"
-            body = b"\n".join(raw if b"\n" not in raw else raw.replace(b"\n", b" ") for raw, _, _ in batch)
-            headers = {"Content-Type": "application/x-ndjson", "X-Packet-Count": str(len(batch))}
+        if self.mode == "batch":  # NDJSON: the packets as they are, a newline after each but the last
+            path = "/ingest/batch"
+            body: list[bytes] = []
+            for raw, _, _ in batch:
+                body.append(raw if b"\n" not in raw else raw.replace(b"\n", b" "))
+                body.append(b"\n")
+            body.pop()
+            headers = b"Content-Type: application/x-ndjson\r\nX-Packet-Count: %d\r\n" % len(batch)
         else:
-            url = self.url + "/ingest"
-            body = batch[0][0]
-            headers = {"Content-Type": "application/json"}
+            path = "/ingest"
+            body = [batch[0][0]]
+            headers = b"Content-Type: application/json\r\n"
         if self.compression != "none":
-            body = await compressed(body, self.compression)
-            headers["Content-Encoding"] = self.compression
+            body = [await compressed(b"".join(body), self.compression)]
+            headers += b"Content-Encoding: %s\r\n" % self.compression.encode()
         if traceparent is not None:
-            headers["traceparent"] = traceparent
+            headers += b"traceparent: %s\r\n" % traceparent.encode("ascii")
         try:
-            async with self._session.post(url, data=body, headers=headers) as response:
-                await response.read()
-                return response.status, response.headers.get("Retry-After"), False
-        except asyncio.TimeoutError:
-            self._log.warning("send timed out")
-            return 0, None, True
-        except aiohttp.ServerDisconnectedError:
-            self._log.warning("connection dropped before the answer")
-            return 0, None, True
-        except (aiohttp.ClientError, OSError) as exc:
-            self._log.warning(f"send failed: {exc.__class__.__name__}")
-            return 0, None, False
+            answer = await self._client.post(self._target, path, headers, body)
+        except SendError as exc:
+            self._log.warning(f"send failed: {exc}")
+            return 0, None, exc.ambiguous
         except Exception as exc:  # a bug must not strand the batch: retry or fail it over like any failure
             self._log.error(f"unexpected error while sending: {exc!r}", event="send_error")
             return 0, None, True
+        return answer.status, answer.retry_after, False
 
 
 def _retry_delay(backoff: float, retry_after: str | None) -> float:

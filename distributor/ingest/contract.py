@@ -84,6 +84,15 @@ def parse_packet(body: bytes, max_messages: int) -> PacketInfo:
             "messages", f"{count} messages exceed max_messages_per_packet={max_messages}", status=413
         )
     for index, message in enumerate(messages):
+        # the usual message, checked inline (a call per message costs as much as the checks); any other
+        # (a string timestamp, an error) goes through _check_message, which names what is wrong
+        if type(message) is dict:
+            timestamp = message.get("timestamp")
+            level = message.get("level")
+            metadata = message.get("metadata")
+            if (type(timestamp) is int and 0 <= timestamp <= MAX_TIMESTAMP_MS and type(level) is str and level
+                    and type(message.get("message")) is str and (metadata is None or type(metadata) is dict)):
+                continue
         _check_message(index, message)
     return PacketInfo(emitter_id, packet_id, count, priority)
 

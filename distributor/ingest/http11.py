@@ -76,6 +76,7 @@ class Request:
     body: bytes
     http_version: str
     _conn: "_Conn"
+    _by_name: dict[bytes, bytes] | None = None
 
     def defer(self) -> "Pending":
         """Answer later: return the Pending from ``handle`` and call ``Pending.answer`` once (from the loop)."""
@@ -83,11 +84,10 @@ class Request:
 
     def header(self, name: bytes) -> bytes | None:
         """The last value of a header (``name`` in lower case), or None."""
-        found = None
-        for key, value in self.headers:
-            if key == name:
-                found = value
-        return found
+        by_name = self._by_name
+        if by_name is None:  # built once, in C, on the first lookup: the later value of a repeated name wins
+            by_name = self._by_name = dict(self.headers)
+        return by_name.get(name)
 
 
 class Pending:
@@ -409,20 +409,9 @@ class _Conn(asyncio.Protocol):
         srv = self._srv
         self._method = method = p.get_method()  # first: error answers to HEAD carry no body
         self._version = version = p.get_http_version()
-        if version != "1.1" and version != "1.0":  # llhttp also parses 0.9 and 2.0 request lines
-            self._stats.bad_requests += 1
-            self._stop(_ERR_505)
-        if self._head_len + len(self._url) > self._max_head:
-            self._stats.too_large += 1
-            self._stop(_ERR_431)
-        if p.should_upgrade():
-            self._stop(_ERR_501_UPGRADE)
-        if self._hosts != 1 and (self._hosts or version == "1.1"):
-            self._stats.bad_requests += 1
-            self._stop(json_error(400, "bad_request", "exactly one Host header is required"))
-        if self._chunked and version == "1.0":  # RFC 9112 6.1: a proxy may frame it otherwise (smuggling)
-            self._stats.bad_requests += 1
-            self._stop(_ERR_400_TE_10)
+        if (version != "1.1" or self._hosts != 1 or self._head_len + len(self._url) > self._max_head
+                or p.should_upgrade()):  # one test for the usual request; what is wrong, in order, below
+            self._check_head(p, version)
         self._keep = p.should_keep_alive() and not srv._closing
         url = self._url
         if url[:1] != b"/":
@@ -454,6 +443,23 @@ class _Conn(asyncio.Protocol):
         else:
             self._state = _BODY
         self.deadline = _RESTART
+
+    def _check_head(self, p: httptools.HttpRequestParser, version: str) -> None:
+        """Refuse a head that is not plain HTTP/1.1 with one Host and within the size limit, if it must be."""
+        if version != "1.1" and version != "1.0":  # llhttp also parses 0.9 and 2.0 request lines
+            self._stats.bad_requests += 1
+            self._stop(_ERR_505)
+        if self._head_len + len(self._url) > self._max_head:
+            self._stats.too_large += 1
+            self._stop(_ERR_431)
+        if p.should_upgrade():
+            self._stop(_ERR_501_UPGRADE)
+        if self._hosts != 1 and (self._hosts or version == "1.1"):
+            self._stats.bad_requests += 1
+            self._stop(json_error(400, "bad_request", "exactly one Host header is required"))
+        if self._chunked and version == "1.0":  # RFC 9112 6.1: a proxy may frame it otherwise (smuggling)
+            self._stats.bad_requests += 1
+            self._stop(_ERR_400_TE_10)
 
     def on_chunk_header(self) -> None:
         # from here raw input that is not chunk data (size lines, extensions, trailer fields) is limited like a head

@@ -18,7 +18,6 @@ import sys
 import time
 from typing import Awaitable
 
-import aiohttp
 import orjson
 import uvloop
 
@@ -31,6 +30,7 @@ from distributor.logs import setup_logging
 from distributor.tls import analyzer_context, server_context
 from distributor.wal.export import WalExport
 from distributor.wal.log import WorkerLog
+from distributor.delivery.http_client import HttpClient
 from distributor.delivery.routing import NO_ANALYZER, Router
 from distributor.delivery.queue import Packet, PacketQueue
 from distributor.delivery.sender import AnalyzerSender
@@ -85,7 +85,7 @@ class IngestWorker:
         self.parent = os.getppid()
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()  # a second SIGTERM: the drain ends now
-        self.session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
         self.wal: WorkerLog | None = None
         self.orphans: list[int] = []  # orphaned WAL slots still held by a live process: adopted later
         self.wal_export: WalExport | None = None
@@ -126,7 +126,7 @@ class IngestWorker:
         since this worker ejected it is usable again.
         """
         generation, rows = self.table.read_analyzers()
-        assert self.session is not None
+        assert self.client is not None
         app = self.app
         for row in rows:
             slot = row.slot
@@ -147,7 +147,7 @@ class IngestWorker:
                                     app.totals)
                 created = AnalyzerSender(
                     slot, row.name, row.url, row.mode, queue, self.config.sender, self.config.outlier,
-                    self.session, self.ints, cell, self, self.wal, row.compression,
+                    self.client, self.ints, cell, self, self.wal, row.compression,
                 )
                 created.start()
                 app.queues[slot] = queue
@@ -280,14 +280,8 @@ class IngestWorker:
             self.app.wal = self.wal
         self.account_lost_predecessor()
         sender_config = self.config.sender
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=sender_config.max_inflight,
-                                           ssl=analyzer_context(self.config.tls)),
-            timeout=aiohttp.ClientTimeout(
-                total=sender_config.request_timeout, sock_connect=sender_config.connect_timeout
-            ),
-            skip_auto_headers=("User-Agent",),
-        )
+        self.client = HttpClient(sender_config.connect_timeout, sender_config.request_timeout,
+                                 analyzer_context(self.config.tls), sender_config.max_inflight)
         self.apply_analyzers()
         ingest = self.config.ingest
         limits = HttpLimits(
@@ -303,7 +297,7 @@ class IngestWorker:
             sock = bind_reuseport(self.config.listen.host, self.config.listen.port)
         except OSError as exc:
             log.error("worker %d: cannot bind %s: %s", self.slot, self.config.listen, exc.strerror)
-            await self.session.close()
+            await self.client.close()
             return BOOT_ERROR_EXIT
         await server.start(sock, server_context(self.config.tls, verify_clients=True))
         self.app.guard.start()
@@ -325,7 +319,7 @@ class IngestWorker:
             await self.wal.close()
             self.wal_export.publish()  # type: ignore[union-attr]
         heartbeat.cancel()
-        await self.session.close()
+        await self.client.close()
         return 0
 
     def _on_sigterm(self) -> None:

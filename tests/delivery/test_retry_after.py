@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
-import aiohttp
 import pytest
 
 from distributor.config import OutlierConfig, SenderConfig
 from distributor.delivery import sender as sender_module
+from distributor.delivery.http_client import HttpClient
 from distributor.delivery.queue import NO_REF, Packet, PacketQueue, QueueTotals
 from distributor.delivery.sender import AnalyzerSender
 from distributor.shared_table import COUNTER_CELLS
@@ -171,17 +172,18 @@ def test_a_retry_after_is_honoured_up_to_a_cap(
     async def scenario() -> None:
         counters = [0] * COUNTER_CELLS
         queue = PacketQueue(100, 1 << 20, counters, 0, QueueTotals())
-        async with aiohttp.ClientSession() as session:
-            sender = AnalyzerSender(0, "busy", analyzer.url, "batch", queue, SenderConfig(batch_linger=0.0),
-                                    OutlierConfig(), session, counters, 0, NoFailover())
-            sender.start()
-            for i in range(3):
-                queue.put(packet(packet_id=f"cap-{i}"), 5, NO_REF)
-            sender.notify()
-            try:
-                await sender.drain(10.0)
-            finally:
-                sender.queue.available = False
+        client = HttpClient(2.0, 10.0, ssl.create_default_context(), 4)
+        sender = AnalyzerSender(0, "busy", analyzer.url, "batch", queue, SenderConfig(batch_linger=0.0),
+                                OutlierConfig(), client, counters, 0, NoFailover())
+        sender.start()
+        for i in range(3):
+            queue.put(packet(packet_id=f"cap-{i}"), 5, NO_REF)
+        sender.notify()
+        try:
+            await sender.drain(10.0)
+        finally:
+            sender.queue.available = False
+            await client.close()
 
     asyncio.run(scenario())
     assert len(chosen) == len(retry_after), f"{len(chosen)} retries after {len(retry_after)} answers 503"

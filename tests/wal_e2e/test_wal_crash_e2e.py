@@ -224,7 +224,7 @@ def test_crash_loop_of_kill9_at_random_moments_never_loses_a_202(harness: Harnes
     assert "failed to boot" not in distributor.log_text()
     verified = wal_cli("verify", str(wal_dir))
     assert verified.returncode == 0, verified.stdout  # crashes leave nothing for the operator to look at
-    segment_ids = [int(name[:16], 16) for slot in wal_dir.iterdir() for name in os.listdir(slot)
+    segment_ids = [int(name[:16], 16) for slot in wal_dir.iterdir() if slot.is_dir() for name in os.listdir(slot)
                    if name.endswith(".wal")]
     statuses: Counter[int] = Counter()
     for one in stats:
