@@ -10,6 +10,10 @@ Answers: 202 is a success; 429/503 are *backpressure*, reported under their own
 names ("/ingest 429 backpressure", "/ingest 503 backpressure") as successes, and
 the well-behaved emitters wait Retry-After and resend the same packet; any
 other status or a connection error is a failure. See loadtest/README.md.
+
+Every request carries ``X-Emitter-Id`` (the packet's emitter_id), so the same file
+drives a sharded fleet behind HAProxy (deploy/haproxy: ``--host http://LB:8080``),
+where each emitter lands on one instance.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class Emitter(FastHttpUser):
         body = packet(self.emitter_id, f"{self.emitter_id}-{self.seq}", n, self.rng)
         for _ in range(MAX_ATTEMPTS):
             with self.client.post(INGEST, data=body,  # type: ignore[arg-type]  # bytes work; the hint says str
-                                  headers={"Content-Type": "application/json"},
+                                  headers={"Content-Type": "application/json", "X-Emitter-Id": self.emitter_id},
                                   name=INGEST, catch_response=True) as response:
                 status = response.status_code
                 if status == 202:

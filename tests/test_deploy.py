@@ -1024,7 +1024,9 @@ def test_haproxy_config_shards_by_emitter_with_health_checks() -> None:
     assert "check" in settings and settings["observe"] == "layer7"
     assert seconds(settings["inter"]) <= 2 and seconds(settings["fastinter"]) < seconds(settings["inter"])
     assert 2 <= int(settings["fall"]) <= 3 and 2 <= int(settings["rise"]) <= 5
-    assert settings["on-error"] == "fail-check", "overload (503s) must not take servers out one after the other"
+    # an overloaded distributor answers 503 + Retry-After and passes its checks: errors on live traffic
+    # may speed the checks up, never count as failed checks (fail-check, sudden-death, mark-down would)
+    assert settings.get("on-error") == "fastinter", "overload (503s) must not take servers out one after the other"
     assert settings["on-marked-down"] == "shutdown-sessions"
     # servers: the distributors' data port, explicit unique ids (the hash tree is built from them)
     listen_port = int(tomllib.loads((REPO / "distributor.toml").read_text())["listen"].rsplit(":", 1)[1])

@@ -1,4 +1,7 @@
-"""``distributor admin drain|undrain|weight|add|remove``: the admin API from a terminal."""
+"""``distributor admin drain|undrain|weight|add|remove``: the admin API from a terminal.
+
+``--fleet URL,URL,...`` applies the change to every instance and reports each (``control/fleet.py``).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from distributor.config import COMPRESSIONS, MODES
 def add_admin_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default="http://127.0.0.1:9091", help="control plane URL")
     parser.add_argument("--token", default=None, help="bearer token (default: $DISTRIBUTOR_ADMIN_TOKEN)")
+    parser.add_argument("--fleet", metavar="URL,URL,...", default=None,
+                        help="apply the change to every instance's control plane and report each; exit 1 unless "
+                             "it is in effect on all (safe to re-run); replaces --admin")
+    parser.add_argument("--json", action="store_true", help="with --fleet: the per-instance outcomes as JSON")
     actions = parser.add_subparsers(dest="action", required=True)
     for action in ("drain", "undrain", "remove"):
         actions.add_parser(action).add_argument("name")
@@ -42,6 +49,10 @@ def request_for(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
 
 
 def run_admin(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from distributor.control.fleet import run_fleet_admin
+
+        return run_fleet_admin(args)
     method, path, body = request_for(args)
     token = args.token if args.token is not None else os.environ.get("DISTRIBUTOR_ADMIN_TOKEN", "")
     request = urllib.request.Request(

@@ -1,4 +1,7 @@
-"""``distributor status``: the control plane's worker and analyzer views for a terminal."""
+"""``distributor status``: the control plane's worker and analyzer views for a terminal.
+
+``--fleet URL,URL,...`` sums every instance's views into one (``control/fleet.py``).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ def add_status_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default="http://127.0.0.1:9091", help="control plane URL")
     parser.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     parser.add_argument("--json", action="store_true", help="print the raw JSON views")
+    parser.add_argument("--fleet", metavar="URL,URL,...", default=None,
+                        help="several instances' control planes: one view summed over the fleet, naming any "
+                             "instance that did not answer (exit 1 then); replaces --admin")
 
 
 def fetch(admin: str) -> dict[str, Any]:
@@ -52,6 +58,10 @@ def render(view: dict[str, Any]) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from distributor.control.fleet import run_fleet_status
+
+        return run_fleet_status(args)
     try:
         while True:
             view = fetch(args.admin)

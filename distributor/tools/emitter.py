@@ -8,7 +8,10 @@ connection, responses parsed by httptools).
 
 A request carries one packet (``POST /ingest``) or, with ``batch``, that many
 NDJSON lines (``POST /ingest/batch``; accepted packets are counted from the
-answer's ``accepted`` and ``rejected`` lines), optionally gzip or zstd.
+answer's ``accepted`` and ``rejected`` lines), optionally gzip or zstd. With
+``emitter_header`` every request carries ``X-Emitter-Id: <its packets'
+emitter_id>``, what a load balancer shards on (``deploy/haproxy``); a batch's
+lines then all come from one emitter.
 
 Two modes: closed loop (``rate=None``: each connection sends its next request as
 soon as the previous is answered) and open loop (``rate``: requests have fixed
@@ -65,6 +68,7 @@ class LoadSpec:
     emitter_prefix: str = "agent"       # emitter ids are <prefix>-<n>: separate loads, separate emitters
     batch: int = 0                      # packets per request to POST /ingest/batch (0: one packet per POST /ingest)
     encoding: str = ""                  # "gzip" or "zstd" request bodies (empty: plain)
+    emitter_header: bool = False        # send X-Emitter-Id (a batch's lines then share one emitter)
 
 
 @dataclass
@@ -184,6 +188,23 @@ class PacketFactory:
         else:
             self._tails = [b"}"] * CYCLE
         self._counter = 0
+        self._emitter_seqs = [0] * emitters
+        self._turn = 0
+
+    def next_from(self, emitter: int) -> tuple[bytes, int, int, int]:
+        """Like ``next`` for a given emitter (its own sequence); a run uses either this or ``next``, never both."""
+        seq = self._emitter_seqs[emitter]
+        self._emitter_seqs[emitter] = seq + 1
+        j = self._counter % CYCLE
+        self._counter += 1
+        body = b"".join((self._prefixes[emitter], b"%06d" % seq, self._arrays[j], self._tails[j]))
+        return body, emitter, seq, self._sizes[j]
+
+    def next_request(self, packets: int) -> list[tuple[bytes, int, int, int]]:
+        """The packets of one request that all come from one emitter (emitters take turns)."""
+        emitter = self._turn % self.emitters
+        self._turn += 1
+        return [self.next_from(emitter) for _ in range(packets)]
 
     def next(self) -> tuple[bytes, int, int, int]:
         """(body, emitter index, sequence, message count) of the next packet."""
@@ -315,6 +336,10 @@ class _Run:
                      + (f"\r\nContent-Encoding: {spec.encoding}" if spec.encoding else "")
                      + "\r\nContent-Length: ").encode()
         self.factory = PacketFactory(spec.sizes, spec.emitters, spec.priorities, emitter_prefix=spec.emitter_prefix)
+        # per emitter, the head with its X-Emitter-Id line (ids are ASCII: <prefix>-<n>)
+        self.emitter_heads = [self.head.replace(b"\r\nContent-Length: ", b"\r\nX-Emitter-Id: %s\r\nContent-Length: "
+                                                % emitter.encode()) for emitter in self.factory.emitter_ids
+                              ] if spec.emitter_header else []
         self.loop = asyncio.get_running_loop()
         self.interval = 1.0 / spec.rate if spec.rate else 0.0
         self.next_slot = 0
@@ -366,7 +391,11 @@ class _Run:
                     stats.reconnects += 1
                 if not open_loop:
                     begin = monotonic()
-            lines = [factory.next() for _ in range(spec.batch or 1)]
+            if spec.emitter_header:
+                lines = factory.next_request(spec.batch or 1)
+                head = self.emitter_heads[lines[0][1]]
+            else:
+                lines = [factory.next() for _ in range(spec.batch or 1)]
             body = b"\n".join(line[0] for line in lines) if spec.batch else lines[0][0]
             if self.compress is not None:
                 body = self.compress(body)
@@ -488,11 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="packets per POST /ingest/batch request (default 0: "
                         "one packet per POST /ingest)")
     parser.add_argument("--encoding", choices=("gzip", "zstd"), default="", help="compress the request bodies")
+    parser.add_argument("--emitter-header", action="store_true",
+                        help="send X-Emitter-Id (the packets' emitter_id) with every request, for a load balancer "
+                             "that shards by emitter (deploy/haproxy); with --batch a request's lines share one emitter")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     spec = LoadSpec(url=args.url, duration=args.duration, connections=args.connections, rate=args.rate or None,
                     sizes=args.sizes, emitters=args.emitters, priorities=args.priorities,
-                    honour_retry_after=args.honour_retry_after, batch=args.batch, encoding=args.encoding)
+                    honour_retry_after=args.honour_retry_after, batch=args.batch, encoding=args.encoding,
+                    emitter_header=args.emitter_header)
     result = summary(uvloop.run(run_load(spec)))
     if args.json:
         print(json.dumps(result, indent=2))

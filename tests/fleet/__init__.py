@@ -1,0 +1,1 @@
+"""Multi-host tests of a sharded fleet in network namespaces (``pytest -m fleet``)."""
