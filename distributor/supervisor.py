@@ -172,6 +172,9 @@ class Supervisor:
             [sys.executable, "-m", "distributor.workers", "--slot", str(handle.slot), "--table", self.table.name],
             env=env,
             stdin=subprocess.DEVNULL,
+            # its own process group: a Ctrl-C at the terminal reaches the supervisor alone, which stops the
+            # workers in order (an interpreter still starting would otherwise die of it with a traceback)
+            process_group=0,
         )
         handle.config = self.config
         handle.spawned_at = time.monotonic()
@@ -265,33 +268,32 @@ class Supervisor:
         return any(h.retiring or (h.alive and not h.ready) for h in self.workers)
 
     def check_memory(self) -> None:
-        """Memory pressure of the cgroup, published for the workers; replace, gracefully and one at a time, a
-        worker whose RSS is above max_worker_memory_mb."""
+        """Memory pressure of the cgroup, published for the workers at every tick (queues filling at tens of MB/s
+        outrun a check once a second: the watermark leaves 15% of the limit); replace, gracefully and one at a
+        time, a worker whose RSS is above max_worker_memory_mb (sampled once a second)."""
+        self._publish_pressure()
         now = time.monotonic()
         if now < self._next_memory_check:
             return
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
-        self._publish_pressure()
         limit_mb = self.config.max_worker_memory_mb
-        if not limit_mb:
-            return
         limit = limit_mb * (1 << 20)
         for handle in self.workers:
-            if not handle.alive or not handle.ready or handle.retiring:
+            if not handle.alive or not handle.ready or handle.retiring or (handle.fresh_rss and not limit):
                 continue
             assert handle.process is not None
             try:
                 rss = psutil.Process(handle.process.pid).memory_info().rss
             except psutil.Error:
                 continue
-            if not handle.fresh_rss:
+            if not handle.fresh_rss:  # sampled even without a limit: one set by a reload compares with this
                 handle.fresh_rss = rss
-                if rss > limit:
+                if limit and rss > limit:
                     log.warning("max_worker_memory_mb=%g is below a fresh worker's RSS (%.1f MB): worker %d will "
                                 "not be recycled for memory; raise the limit", limit_mb, rss / (1 << 20), handle.slot,
                                 extra={"event": "memory_limit_below_fresh_rss"})
                 continue
-            if rss > limit and handle.fresh_rss <= limit and not self._replacing():
+            if limit and rss > limit and handle.fresh_rss <= limit and not self._replacing():
                 reason = f"RSS {rss / (1 << 20):.1f} MB above max_worker_memory_mb={limit_mb:g}"
                 log.warning("worker %d (pid %d): %s; replacing it gracefully", handle.slot, handle.process.pid,
                             reason)
