@@ -18,6 +18,7 @@ from time import monotonic, perf_counter_ns
 
 import orjson
 
+from distributor.cgroup import release_free_memory
 from distributor.config import Config
 from distributor.ingest.batch import handle_batch
 from distributor.ingest.contract import EMITTER_HEADER, ContractError, PacketInfo, claimed_emitter, parse_packet
@@ -36,6 +37,7 @@ from distributor.shared_table import (
     C_NET_ROUTED_MESSAGES,
     C_ROUTED_MESSAGES,
     C_ROUTED_PACKETS,
+    H_MEMORY_PRESSURE,
     LATENCY_BUCKETS,
     W_ACCEPTED,
     W_LATENCY_BUCKETS,
@@ -56,6 +58,9 @@ HEALTH_PATH = b"/healthz"
 PACKET_PATHS = (INGEST_PATH, BATCH_PATH, OTLP_PATH)
 _ALLOW_POST = ((b"allow", b"POST"),)
 _ALLOW_GET = ((b"allow", b"GET, HEAD"),)
+# under memory pressure, the heap is handed back to the kernel each time the queues shrank by this much: about
+# 1 ms of the event loop per MiB released, so each step stays under ingest.max_loop_lag's default
+TRIM_STEP = 16 << 20
 _HEALTHY = Response(200, b'{"status":"ok"}')
 _BUCKET_BOUNDS_NS = tuple(bound * 1e9 for bound in LATENCY_BUCKETS[:-1])
 
@@ -78,6 +83,7 @@ class IngestApp:
         }
         self._shed_at = self._watermarks
         self.memory_pressure = False
+        self._trimmed_at = 0  # queued bytes at the last release of free memory (under memory pressure)
         self.totals = QueueTotals()
         self.drain_rate = 0.0  # bytes/s leaving this worker's queues, kept current by the worker
         self.limiter = RateLimiter(table, worker_slot, config.rate_limit)
@@ -183,6 +189,8 @@ class IngestApp:
                 ints[row + W_RATE_LIMITED] += 1
                 return Refusal(429, "rate_limited", f"emitter {packet.emitter_id!r} is over its rate limit", wait)
         size = len(raw)
+        if ints[H_MEMORY_PRESSURE] != self.memory_pressure:  # the supervisor's flag at once, not at the next beat
+            self.set_memory_pressure(bool(ints[H_MEMORY_PRESSURE]))
         if self.totals.bytes + size > self._shed_at[packet.priority]:
             ints[row + W_SHED] += 1
             why = "the host's memory is under pressure" if self.memory_pressure else (
@@ -265,11 +273,27 @@ class IngestApp:
 
     def set_memory_pressure(self, pressed: bool) -> None:
         """Under the cgroup's memory pressure queues stop growing: low and normal priority packets are shed,
-        high priority ones only while the queues are not above what they hold now."""
-        if pressed == self.memory_pressure:
-            return
-        self.memory_pressure = pressed
-        self._shed_at = {"low": 0.0, "normal": 0.0, "high": float(self.totals.bytes)} if pressed else self._watermarks
+        high priority ones only while the queues are not above what they hold now.
+
+        Called at every heartbeat (and at admission when the flag changed). While pressed, the memory of packets
+        that left the queues is given back to the kernel when the pressure starts, then every TRIM_STEP bytes
+        the queues shrank, and once they are empty: glibc would keep it, the cgroup's anonymous memory would stay
+        above the watermark after the queues drained, and the pressure (503 for all but high priority) would
+        never end.
+        """
+        queued = self.totals.bytes
+        if pressed != self.memory_pressure:
+            self.memory_pressure = pressed
+            self._shed_at = {"low": 0.0, "normal": 0.0, "high": float(queued)} if pressed else self._watermarks
+            if pressed:  # what earlier drains left in the heap counts toward the pressure too
+                release_free_memory()
+                self._trimmed_at = queued
+        elif pressed:
+            if queued <= self._trimmed_at - TRIM_STEP or queued == 0 < self._trimmed_at:  # a step, or the rest
+                release_free_memory()
+                self._trimmed_at = queued
+            elif queued > self._trimmed_at:
+                self._trimmed_at = queued
 
     def overload_retry_after(self) -> float:
         """Seconds until the queues should be back under the low watermark at the current drain rate."""
