@@ -54,6 +54,7 @@ class RunResult:
     errors_by_kind: dict[str, int] | None = None  # wrk: connect/read/write/timeout
     latency_corrected_ms: dict[str, float] | None = None  # wrk: its coordinated-omission-corrected figures
     latency_is_raw: bool = True  # False: latency_ms holds wrk's corrected figures (the raw ones were not readable)
+    packets_per_request: int = 1  # batches (POST /ingest/batch, OTLP exports) carry more
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +119,33 @@ def wrk_version() -> str | None:
     return out.split(" [")[0].strip() or None
 
 
+@dataclass(frozen=True)
+class WrkPool:
+    """Request bodies built ahead of a run (wrk_ingest.lua's pool mode), sent in turn and unchanged.
+
+    Why: gzip and protobuf bodies cannot be assembled in wrk's Lua at the rate wrk sends them; built
+    once, each request costs wrk no more than a copy. ``answer`` says how wrk_ingest.lua reads what was
+    taken: ``ingest`` (202: one packet), ``batch`` (200 with ``accepted``), ``otlp`` (an
+    ExportLogsServiceResponse).
+    """
+
+    path: Path  # "<length>\n<bytes>" per body (payloads.write_pool)
+    packets: int  # per body
+    messages: int  # per packet
+    content_type: str = "application/json"
+    encoding: str = ""
+    answer: str = "ingest"
+
+    def options(self) -> list[str]:
+        return [f"pool={self.path}", f"packets={self.packets}", f"messages={self.messages}",
+                f"type={self.content_type}", f"encoding={self.encoding}", f"answer={self.answer}"]
+
+
+def batch_url(url: str) -> str:
+    """``.../ingest`` -> ``.../ingest/batch`` (what the emitter does for ``batch``)."""
+    return url.rstrip("/") + "/batch" if urlsplit(url).path.rstrip("/").endswith("/ingest") else url
+
+
 def parse_wrk(stdout: str) -> dict[str, int]:
     """The ``wrk-result KEY VALUE`` lines printed by wrk_ingest.lua's done()."""
     values: dict[str, int] = {}
@@ -174,24 +202,31 @@ def merge_quantiles(parts: list[tuple[int, list[tuple[float, float]]]], fraction
 
 
 def run_wrk(url: str, duration: float, connections: int, sizes: str, nonce: str,
-            progress: Callable[[], str], threads: int = 2, processes: int = 1) -> RunResult:
+            progress: Callable[[], str], threads: int = 2, processes: int = 1, batch: int = 0,
+            pool: WrkPool | None = None) -> RunResult:
     """wrk closed loop with wrk_ingest.lua; 202s and messages are counted in the script.
 
     ``processes`` > 1 starts that many wrk at once (each with ``connections``
     and ``threads``, and its own nonce so packet ids stay unique); counts are
     summed and the latency percentiles merged over all their answers.
+    ``batch``: N packets per request to ``/ingest/batch`` (unique ids, built by the
+    script); ``pool``: bodies built ahead, sent in turn (``sizes`` is then ignored).
 
     ``latency_ms``: the answers as measured (wrk's histogram with its
     coordinated-omission correction undone by wrk_ingest.lua);
     ``latency_corrected_ms``: wrk's own corrected figures (what ``wrk`` prints).
     """
+    options = pool.options() if pool else [f"batch={batch}"] if batch else []
+    if batch:
+        url = batch_url(url)
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
             "--timeout", "5s", "-s", str(LUA), url, "--"]
     with Progress("wrk", progress), tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         procs = []
         for i in range(processes):
             stdout, stderr = open(Path(tmp, f"{i}.out"), "wb"), open(Path(tmp, f"{i}.err"), "wb")
-            procs.append(subprocess.Popen([*argv, nonce if processes == 1 else f"{nonce}p{i}", sizes, str(connections)],
+            procs.append(subprocess.Popen([*argv, nonce if processes == 1 else f"{nonce}p{i}",
+                                           "pool" if pool else sizes, str(connections), *options],
                                           stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL))
             stdout.close()
             stderr.close()
@@ -233,14 +268,17 @@ def run_wrk(url: str, duration: float, connections: int, sizes: str, nonce: str,
         latency = dict(corrected)
         latency["count"] = float(sum(answered))
     kinds = {kind: v[f"errors_{kind}"] for kind in ("connect", "read", "write", "timeout")}
+    # 202 answers echo their packet's messages; batch and OTLP answers (200) say what was taken
+    batches = bool(batch) or (pool is not None and pool.answer != "ingest")
+    known = v["status_202"] > 0 or (batches and v["status_2xx"] > 0)
     return RunResult(
         generator="wrk", duration_s=max(e["duration_us"] for e in each) / 1e6, connections=connections * processes,
-        sent=v["requests"], accepted_packets=v["status_2xx"],
-        accepted_messages=v["messages_202"] if v["status_202"] else None,
+        sent=v["requests"], accepted_packets=v["packets_accepted"],
+        accepted_messages=v["messages_202"] if known and not v["messages_unknown"] else None,
         by_status={k: n for k, n in statuses.items() if n},
         errors=sum(kinds.values()), errors_by_kind=kinds, latency_ms=latency, processes=processes,
         retry_after_503=v.get("status_503_retry_after"), latency_corrected_ms=corrected,
-        latency_is_raw=raw_ok,
+        latency_is_raw=raw_ok, packets_per_request=batch or (pool.packets if pool else 1),
     )
 
 
@@ -316,11 +354,14 @@ class ProbeResult:
 
 
 def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: float | None = None,
-                probe_rate: float = 0.0) -> RunResult:
-    """The uvloop emitter in this process (open loop when ``rate``), plus an optional per-status probe."""
+                probe_rate: float = 0.0, batch: int = 0) -> RunResult:
+    """The uvloop emitter in this process (open loop when ``rate``), plus an optional per-status probe.
+
+    ``batch``: N packets per request to ``/ingest/batch`` (``rate`` is then requests/s).
+    """
     stats = LoadStats()
     spec = LoadSpec(url=url, duration=duration, connections=connections, rate=rate, sizes=SIZES[sizes],
-                    emitter_prefix=f"bench-{os.urandom(3).hex()}")
+                    emitter_prefix=f"bench-{os.urandom(3).hex()}", batch=batch)
 
     def sample() -> str:
         snap = stats.snapshot()
@@ -340,7 +381,7 @@ def run_emitter(url: str, duration: float, connections: int, sizes: str, rate: f
         generator="emitter", duration_s=snap["elapsed"], connections=connections, offered_rate=rate,
         sent=snap["sent"], accepted_packets=snap["accepted_packets"], accepted_messages=snap["accepted_messages"],
         by_status=by_status, errors=snap["errors"], latency_ms=stats.latency.summary_ms(),
-        service_ms=stats.service.summary_ms(),
+        service_ms=stats.service.summary_ms(), packets_per_request=batch or 1,
     )
     if probed is not None:
         per_status = probed.per_status

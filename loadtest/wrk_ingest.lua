@@ -1,7 +1,20 @@
 -- wrk script: POST /ingest with realistic log packets and a unique packet_id per request.
 --
 --   wrk -t2 -c64 -d10s -s loadtest/wrk_ingest.lua http://127.0.0.1:8080/ingest -- NONCE fixed|skewed 64
+--   wrk ... http://127.0.0.1:8080/ingest/batch -- NONCE fixed 64 batch=100
+--   wrk ... http://127.0.0.1:8080/v1/logs -- NONCE pool 64 pool=FILE packets=100 messages=10 answer=otlp
+--       type=application/x-protobuf [encoding=gzip]
 --
+-- Options after the third argument (key=value):
+--   batch=N     N packets per request, one NDJSON line each (for POST /ingest/batch), unique ids as above;
+--   pool=FILE   request bodies built by the benchmark (loadtest/bench/payloads.py: "<length>\n<bytes>" each),
+--               sent in turn, unchanged (ids repeat once the pool has been sent: fine for sinks that do not
+--               deduplicate); packets=N packets per body, messages=M messages per packet, type= and
+--               encoding= the Content-Type and Content-Encoding headers, answer= how to read an answer:
+--               ingest (202: one packet), batch (200 {"accepted":n,...}) or otlp (200 ExportLogsServiceResponse:
+--               empty when every record was taken, else partial_success.rejected_log_records).
+-- packets_accepted counts the packets taken (from the answers: batch and OTLP answers say how many);
+-- messages_unknown counts 2xx answers whose accepted messages cannot be told (a partial skewed batch).
 -- NONCE keeps packet ids unique across runs against the same (deduplicating)
 -- analyzers. fixed: 10 messages per packet (~1.8 KB); skewed: 5 and 20 messages
 -- alternately (nginx balances requests, the distributor balances messages).
@@ -37,8 +50,14 @@ local counter = 0
 local nonce = "x"
 local skewed = false
 local arrays = {}
+local batch = 0          -- packets per generated request (0: one packet per POST /ingest)
+local pool = nil         -- pre-formatted requests (pool mode)
+local answer = "ingest"  -- how answers say what was taken: ingest, batch or otlp
+local per_packet = 10    -- messages per packet; nil when they vary (skewed)
+local per_request = 10   -- messages of a request when every packet of it was taken
+local packets = 1        -- packets per request
 -- per-thread globals read by done() via thread:get()
-n202, n2xx, n429, n503, n503ra, nother, msgs202 = 0, 0, 0, 0, 0, 0, 0
+n202, n2xx, n429, n503, n503ra, nother, msgs202, pkts, unknown = 0, 0, 0, 0, 0, 0, 0, 0, 0
 
 local services = {"auth", "orders", "payments", "search", "gateway", "inventory", "notifications"}
 local levels = {"INFO", "INFO", "INFO", "INFO", "INFO", "INFO", "INFO", "DEBUG", "DEBUG", "WARN", "WARN", "ERROR"}
@@ -72,13 +91,50 @@ local function array(n, offset)
   return "[" .. table.concat(parts, ",") .. "]"
 end
 
+-- the pool file: "<length>\n<bytes>" per body; each formatted once into a whole request
+local function load_pool(path, headers)
+  local file = assert(io.open(path, "rb"))
+  local data = file:read("*a")
+  file:close()
+  local requests, at = {}, 1
+  while at <= #data do
+    local newline = string.find(data, "\n", at, true)
+    local length = tonumber(string.sub(data, at, newline - 1))
+    requests[#requests + 1] = wrk.format("POST", nil, headers, string.sub(data, newline + 1, newline + length))
+    at = newline + length + 1
+  end
+  return requests
+end
+
 function init(args)
   nonce = args[1] or tostring(os.time())
   skewed = args[2] == "skewed"
   conns = tonumber(args[3] or "0") or 0  -- global: done() reads it with thread:get
+  local options = {}
+  for i = 4, #args do
+    local key, value = string.match(args[i], "^([%w_]+)=(.*)$")
+    if key then options[key] = value end
+  end
   arrays[5] = array(5, tid * 100)
   arrays[10] = array(10, tid * 100 + 20)
   arrays[20] = array(20, tid * 100 + 40)
+  if skewed then per_packet = nil end
+  batch = tonumber(options.batch or "0") or 0
+  if batch > 0 then
+    answer, packets, per_request = "batch", batch, 0
+    for i = 1, batch do
+      if skewed then per_request = per_request + ((i % 2 == 0) and 20 or 5) else per_request = per_request + 10 end
+    end
+  end
+  if options.pool then
+    local headers = {["Content-Type"] = options.type or "application/json"}
+    if options.encoding and options.encoding ~= "" then headers["Content-Encoding"] = options.encoding end
+    pool = load_pool(options.pool, headers)
+    answer = options.answer or "ingest"
+    packets = tonumber(options.packets or "1") or 1
+    per_packet = tonumber(options.messages or "10") or 10
+    per_request = packets * per_packet
+  end
 end
 
 local headers = {["Content-Type"] = "application/json"}
@@ -87,27 +143,97 @@ local skewed_headers = {
   [20] = {["Content-Type"] = "application/json", ["X-Messages"] = "20"},
 }
 
-function request()
+local function line(n)
   counter = counter + 1
+  return '{"emitter_id":"wrk-' .. tid .. '","packet_id":"wrk-' .. nonce .. '-' .. tid .. '-' .. counter ..
+    '-m' .. n .. '","messages":' .. arrays[n] .. '}'
+end
+
+local batch_headers = {["Content-Type"] = "application/x-ndjson"}
+
+function request()
+  if pool then
+    counter = counter + 1
+    return pool[(counter + tid * 7) % #pool + 1]
+  end
+  if batch > 0 then
+    local lines = {}
+    for i = 1, batch do
+      local n = 10
+      if skewed then n = (i % 2 == 0) and 20 or 5 end
+      lines[i] = line(n)
+    end
+    return wrk.format("POST", nil, batch_headers, table.concat(lines, "\n"))
+  end
   local n = 10
   local h = headers
   if skewed then
-    if counter % 2 == 0 then n = 20 else n = 5 end
+    if (counter + 1) % 2 == 0 then n = 20 else n = 5 end
     h = skewed_headers[n]
   end
-  local body = '{"emitter_id":"wrk-' .. tid .. '","packet_id":"wrk-' .. nonce .. '-' .. tid .. '-' .. counter ..
-    '-m' .. n .. '","messages":' .. arrays[n] .. '}'
-  return wrk.format("POST", nil, h, body)
+  return wrk.format("POST", nil, h, line(n))
+end
+
+-- partial_success.rejected_log_records of an ExportLogsServiceResponse (field 1 of field 1), or nil
+local function otlp_rejected(body)
+  local function varint(at)
+    local value, scale = 0, 1
+    while at <= #body do
+      local byte = string.byte(body, at)
+      value = value + (byte % 128) * scale
+      at = at + 1
+      if byte < 128 then return value, at end
+      scale = scale * 128
+    end
+    return nil, at
+  end
+  if string.byte(body, 1) ~= 10 then return nil end
+  local _, at = varint(2)
+  if string.byte(body, at) ~= 8 then return 0 end  -- partial_success without a count: nothing rejected
+  return (varint(at + 1))
+end
+
+-- a 200 to a batch or an OTLP export: how many packets (and messages) were taken
+local function taken(body)
+  if answer == "batch" then
+    local n = tonumber(string.match(body, '"accepted":%s*(%d+)')) or 0
+    pkts = pkts + n
+    if string.find(body, '"rejected":[]', 1, true) then
+      msgs202 = msgs202 + per_request
+    elseif per_packet then
+      msgs202 = msgs202 + n * per_packet
+    else
+      unknown = unknown + 1
+    end
+    return
+  end
+  local rejected = 0
+  if #body > 0 then rejected = otlp_rejected(body) end
+  if rejected == nil or rejected % per_packet ~= 0 then
+    unknown = unknown + 1
+    return
+  end
+  pkts = pkts + packets - math.floor(rejected / per_packet)  -- records are refused by whole packets
+  msgs202 = msgs202 + per_request - rejected
 end
 
 function response(status, hdrs, body)
   if status == 202 then
     n202 = n202 + 1
     n2xx = n2xx + 1
-    local m = string.match(body, "%-m(%d+)\"")
-    if m then msgs202 = msgs202 + tonumber(m) end
+    pkts = pkts + 1
+    if pool then
+      msgs202 = msgs202 + per_packet
+    else
+      local m = string.match(body, "%-m(%d+)\"")
+      if m then msgs202 = msgs202 + tonumber(m) end
+    end
+  elseif status == 200 and answer ~= "ingest" then
+    n2xx = n2xx + 1
+    taken(body)
   elseif status >= 200 and status < 300 then
     n2xx = n2xx + 1
+    pkts = pkts + 1
   elseif status == 503 then
     n503 = n503 + 1
     if hdrs["Retry-After"] or hdrs["retry-after"] then n503ra = n503ra + 1 end
@@ -161,7 +287,8 @@ function raw_histogram(latency, summary, connections)
 end
 
 function done(summary, latency, requests)
-  local totals = {n202 = 0, n2xx = 0, n429 = 0, n503 = 0, n503ra = 0, nother = 0, msgs202 = 0}
+  local totals = {n202 = 0, n2xx = 0, n429 = 0, n503 = 0, n503ra = 0, nother = 0, msgs202 = 0, pkts = 0,
+                  unknown = 0}
   for _, thread in ipairs(threads) do
     for key, _ in pairs(totals) do
       totals[key] = totals[key] + (thread:get(key) or 0)
@@ -173,6 +300,7 @@ function done(summary, latency, requests)
     {"status_202", totals.n202}, {"status_2xx", totals.n2xx}, {"status_429", totals.n429},
     {"status_503", totals.n503}, {"status_503_retry_after", totals.n503ra},
     {"status_other", totals.nother}, {"messages_202", totals.msgs202},
+    {"packets_accepted", totals.pkts}, {"messages_unknown", totals.unknown},
     {"errors_connect", e.connect}, {"errors_read", e.read}, {"errors_write", e.write},
     {"errors_timeout", e.timeout}, {"errors_status", e.status},
   }
