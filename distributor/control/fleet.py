@@ -11,7 +11,9 @@ then changed, then read again to check that the change is in effect; the result 
 instance and a non-zero exit unless every instance ends in the requested state. Re-running the same
 command is safe: drain, undrain and weight are idempotent in the admin API, an ``add`` that finds
 the analyzer already defined the same way counts as done (a different definition is a conflict,
-left untouched), and a ``remove`` that finds it gone (or already being removed) counts as done.
+left untouched; the same one while it drains is not done: it may be a removal in progress), and a
+``remove`` that finds it gone (or already being removed) counts as done. A 5xx answer is verified
+like a success (a proxy in front of the instance may have lost the answer of an applied change).
 
 Standard library only (threads for the concurrent requests), like ``distributor status``.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -56,25 +59,44 @@ class FleetError(ValueError):
     """A bad ``--fleet`` value."""
 
 
+def _addresses(host: str, port: int) -> set[str]:
+    """The addresses ``host`` stands for (itself when it does not resolve: the request will say so)."""
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)} or {host}
+    except (OSError, UnicodeError):
+        return {host}
+
+
 def parse_fleet(text: str) -> list[str]:
-    """``URL,URL,...`` -> control plane base URLs (http or https, host and port, no path), in order, once each."""
+    """``URL,URL,...`` -> control plane base URLs (http or https, host and port, no path), in order, once each.
+
+    "Once each" is per instance, not per spelling: ``HTTP://Host:80``, ``http://host`` and ``http://host/`` are
+    one URL, and two names for the same address and port (``localhost`` and ``127.0.0.1``) one instance; the
+    first spelling is kept. Counting an instance twice would double its workers and counters in the fleet view.
+    """
     urls: list[str] = []
+    seen: list[tuple[str, int, set[str]]] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        parts = urllib.parse.urlsplit(item)
+        try:
+            parts = urllib.parse.urlsplit(item)
+        except ValueError:  # "http://[::1": a bracket left open
+            raise FleetError(f"--fleet: {item!r} is not an http:// or https:// URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FleetError(f"--fleet: {item!r} is not an http:// or https:// URL")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
+        if parts.path not in ("", "/") or parts.query or parts.fragment or item.rstrip("/")[-1:] in ("?", "#"):
             raise FleetError(f"--fleet: {item!r}: give the control plane's base URL (no path), "
                              f"e.g. http://10.0.0.1:9091")
         try:
-            parts.port
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise FleetError(f"--fleet: {item!r}: bad port") from None
-        url = item.rstrip("/")
-        if url not in urls:
-            urls.append(url)
+        addresses = _addresses(parts.hostname, port)
+        if any(scheme == parts.scheme and p == port and addresses & known for scheme, p, known in seen):
+            continue
+        seen.append((parts.scheme, port, addresses))
+        urls.append(item.rstrip("/"))
     if not urls:
         raise FleetError("--fleet: no URL given (URL,URL,...)")
     return urls
@@ -140,7 +162,9 @@ def aggregate(views: Sequence[InstanceView]) -> dict[str, Any]:
 
     ``share`` is an analyzer's fraction of every message the answering instances routed (net of
     failovers, like an instance's own ``share``); ``weight_share`` its configured weight over the sum
-    of weights (what the split converges to while every instance can reach every analyzer).
+    of the weights defined on each instance (what the split converges to while every instance can reach
+    every analyzer), or None when the instances disagree about it (a weight or an analyzer differs, it
+    is removed everywhere): the fleet's split then depends on each instance's traffic.
     ``not_routable_on`` lists the instances on which it takes no new packets (down, ejected,
     drained), so a partition between one instance and one analyzer shows up by name.
     """
@@ -190,10 +214,18 @@ def aggregate(views: Sequence[InstanceView]) -> dict[str, Any]:
         }
         analyzers.append(row_view)
     routed = sum(a["net_routed_messages"] for a in analyzers)
-    weights = sum(a["weight"] for a in analyzers if a["weight"] is not None)
+    # the configured share on each instance, over the analyzers defined there (removed ones have no weight);
+    # the fleet's is that share when every instance agrees, else None (then it depends on each one's traffic)
+    own_shares: dict[str, dict[str, float]] = {}
+    for view in answered:
+        weights = {a["name"]: a.get("weight") or 0.0 for a in view.analyzers if a["name"] in defined[view.url]}
+        total = sum(weights.values())
+        own_shares[view.url] = {name: weight / total for name, weight in weights.items()} if total else {}
     for a in analyzers:
         a["share"] = a["net_routed_messages"] / routed if routed else 0.0
-        a["weight_share"] = a["weight"] / weights if a["weight"] is not None and weights else None
+        shares = [own_shares[view.url].get(a["name"], 0.0) for view in answered]
+        agreed = a["defined_on"] and shares and max(shares) - min(shares) <= 1e-9
+        a["weight_share"] = shares[0] if agreed else None
 
     totals = {key: sum(i.get(key, 0) for i in instances if i["answered"]) for key in WORKER_SUMS}
     totals.update({
@@ -239,13 +271,13 @@ def render(fleet: dict[str, Any]) -> str:
                  f"{'delivered':>11}{'queue':>7}{'failed':>8}{'failover':>9}{'rejected':>9}{'dropped':>8}{'lost':>6}")
     for a in fleet["analyzers"]:
         states = " ".join(f"{state}x{n}" for state, n in sorted(a["states"].items()))
-        weight = f"{a['weight']:g}" if a["weight"] is not None else "mixed"
+        weight = "-" if not a["defined_on"] else f"{a['weight']:g}" if a["weight"] is not None else "mixed"
         target = f"{a['weight_share'] * 100:.1f}%" if a["weight_share"] is not None else "-"
         lines.append(f"{a['name']:<12}{states:<22}{weight:>7}{target:>8}{a['share'] * 100:>7.1f}%"
                      f"{a['net_routed_messages']:>13}{a['delivered_messages']:>11}{a['queue_packets']:>7}"
                      f"{a['failed_attempts']:>8}{a['failover_packets']:>9}{a['rejected_packets']:>9}"
                      f"{a['shutdown_dropped_packets']:>8}{a['lost_packets']:>6}")
-        if a["not_routable_on"]:
+        if a["not_routable_on"] and a["defined_on"]:  # removed everywhere: its states say so
             lines.append(f"{'':<12}takes no new packets on: {', '.join(_label(u) for u in a['not_routable_on'])}")
     for line in fleet["drift"]:
         lines.append(f"DRIFT {line}")
@@ -339,6 +371,9 @@ class Change:
         mine = self.definition()
         theirs = _definition(analyzer)
         if theirs == mine:
+            if analyzer.get("draining"):  # the view does not tell a drain from a pending removal
+                return ("defined the same way but draining: drained by an operator (undrain it), or being "
+                        "removed (it leaves once its queues are empty: re-run then)")
             return None
         return "defined differently: " + ", ".join(f"{k} {theirs[k]!r} (not {mine[k]!r})"
                                                     for k in DEFINITION if theirs[k] != mine[k])
@@ -390,6 +425,8 @@ def apply_instance(url: str, change: Change, token: str, timeout: float = TIMEOU
         off = change.in_effect(before)
         if off is None:
             return Outcome(url, ALREADY, "already defined the same way")
+        if _definition(before) == change.definition():  # the same, but draining: it may be on its way out
+            return Outcome(url, FAILED, f"not applied: {off}")
         return Outcome(url, FAILED, f"not applied: conflict: {change.name} exists here, {off}; "
                                     "remove it there first or add it under another name")
     if change.action == "remove" and before is None:
@@ -401,21 +438,33 @@ def apply_instance(url: str, change: Change, token: str, timeout: float = TIMEOU
         status, body = _call(url, change, token, timeout)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return Outcome(url, FAILED, f"unknown whether applied: {_reason(exc)}; re-run to make sure")
+    detail = body.get("detail", body) if isinstance(body, dict) else body
     if status == 404 and change.action == "remove":
         return Outcome(url, ALREADY, "already absent", status)
-    if status >= 300 and not (status == 400 and change.action == "add"):
-        detail = body.get("detail", body) if isinstance(body, dict) else body
+    if 300 <= status < 500 and not (status == 400 and change.action == "add"):
         return Outcome(url, FAILED, f"not applied: HTTP {status}: {detail}", status)
     # verify: the instance's own view shows the change (an add refused as "already exists" by a
-    # concurrent add counts when the definition is the same)
+    # concurrent add counts when the definition is the same). A 5xx is verified too: the instance, or a
+    # proxy in front of it that lost its answer, may have applied the change before failing.
     try:
         after = _find(_get(url, "/admin/analyzers", timeout)["analyzers"], change.name)
     except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        if status >= 500:
+            return Outcome(url, FAILED, f"unknown whether applied: HTTP {status} ({detail}), then {_reason(exc)}; "
+                                        "re-run to make sure", status)
         return Outcome(url, FAILED, f"answered HTTP {status} but could not be verified: {_reason(exc)}", status)
     off = change.in_effect(after)
     if off is not None:
-        detail = body.get("detail", body) if isinstance(body, dict) else body
         return Outcome(url, FAILED, f"not in effect after HTTP {status} ({detail}): {off}", status)
+    if status >= 500:
+        if change.action == "remove" and after is not None and before is not None and before.get("draining"):
+            # it was drained before: draining now does not tell whether it is being removed
+            return Outcome(url, FAILED, f"unknown whether applied: HTTP {status} ({detail}); re-run to make sure",
+                           status)
+        if already:
+            return Outcome(url, ALREADY, f"already in effect (it answered HTTP {status}: {detail})", status)
+        return Outcome(url, APPLIED, f"{_applied_detail(change, before)} (in effect, though it answered HTTP "
+                                     f"{status}: {detail})", status)
     if already:
         return Outcome(url, ALREADY, "already in effect (re-applied, no change)", status)
     if status >= 300:

@@ -167,7 +167,7 @@ class IngestApp:
             refusal = invalid(exc)
             return Response(exc.status, orjson.dumps({"error": refusal.error, "detail": refusal.detail,
                                                       "field": exc.field}))
-        refused = self.admit(body, packet, claimed_emitter(request.header(EMITTER_HEADER)))
+        refused = self.admit(body, packet, claimed_emitter(request.header(EMITTER_HEADER), request.headers))
         if refused is not None:
             if self.trace is not None:
                 self.trace.packet(None, packet, "", refused.error)

@@ -43,7 +43,10 @@ class Admitter(Protocol):
 
 
 def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pending:
-    claimed = claimed_emitter(request.header(EMITTER_HEADER))
+    claimed = claimed_emitter(request.header(EMITTER_HEADER), request.headers)
+    # the sampled request being handled (IngestApp.trace), if any; read, not required: an admitter without it
+    # (a test's) traces nothing
+    trace: RequestTrace | None = getattr(app, "trace", None)
     lines = body.split(b"\n")
     if len(lines) > app.max_batch_packets and sum(1 for line in lines if _filled(line)) > app.max_batch_packets:
         return json_error(413, "batch_too_large", f"more than max_batch_packets={app.max_batch_packets} packets")

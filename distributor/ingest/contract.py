@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import orjson
 
@@ -45,12 +45,20 @@ class ContractError(ValueError):
 EMITTER_HEADER = b"x-emitter-id"
 
 
-def claimed_emitter(value: bytes | None) -> str | None:
+def claimed_emitter(value: bytes | None, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     """The emitter a request says it comes from (``X-Emitter-Id``, which a load balancer may shard on), or None.
 
-    Bytes that are not UTF-8 match no emitter_id: such a request is refused, not guessed at.
+    ``value`` is the header's (last) value, ``headers`` all of the request's. Empty is no claim, as HAProxy
+    hashes it. Several lines are combined as HTTP combines repeated fields ("a, b"): a balancer hashed the
+    first, so the request must not pass on the last alone. Bytes that are not UTF-8 become lone surrogates,
+    which no emitter_id can hold: such a request is refused, not guessed at.
     """
-    return None if value is None else value.decode("utf-8", "replace")
+    if not value:
+        return None
+    values = [v for name, v in headers if name == EMITTER_HEADER]
+    if len(values) > 1:
+        value = b", ".join(values)
+    return value.decode("utf-8", "surrogateescape")
 
 
 class PacketInfo(NamedTuple):

@@ -81,7 +81,7 @@ def handle_otlp(app: OtlpAdmitter, request: Request, body: bytes) -> Response | 
         app.ints[app.row + W_REJECTED_INVALID] += 1
         return status_response(encoding, 400, f"undecodable ExportLogsServiceRequest: {exc}")
     now_ms = time.time_ns() // 1_000_000
-    claimed = claimed_emitter(request.header(EMITTER_HEADER))
+    claimed = claimed_emitter(request.header(EMITTER_HEADER), request.headers)
     accepted = rejected = 0
     problems: list[str] = []
     capacity: list[Refusal] = []
