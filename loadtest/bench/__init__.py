@@ -1,6 +1,6 @@
 """Benchmark: a real distributor pool and 4 analyzers on 127.0.0.1, next to an nginx proxy and a bare floor.
 
-``python -m loadtest.bench [--scenarios throughput,latency,stress,stress-cpu,memory,ingest] [--duration 5]
+``python -m loadtest.bench [--scenarios throughput,latency,stress,stress-cpu,memory,ingest,soak] [--duration 5]
 [--sinks python|nginx] [--baseline none|nginx|floor] [--rounds 3] [--batch N]``
 
 Analyzers (``--sinks``): ``python`` = the four analyzer processes in sink mode
@@ -26,7 +26,10 @@ Scenarios (see loadtest/README.md for what each figure means):
   message of single packets, 100-packet NDJSON batches, the same gzipped, OTLP
   protobuf, single packets over TLS, with tracing sampled, and with the analyzers'
   compression gzip / zstd (bytes sent to them too), rounds alternating, wrk and
-  free analyzers; target: batch >= 5x single in messages/s.
+  free analyzers; target: batch >= 5x single in messages/s;
+* soak (not in the default list; ``--scenario soak --minutes N``): N minutes of
+  mixed load with lifecycle events, per-worker RSS/USS/fds/queue slopes, a JSON
+  report and a PNG plot next to it (loadtest/soak.py).
 With ``--baseline nginx``, ``--rounds`` rounds of wrk runs alternate distributor /
 nginx weighted proxy (in front of the same analyzers) / bare floor (N processes
 of uvloop + httptools + orjson, loadtest/bare_floor.py); ``--baseline floor``

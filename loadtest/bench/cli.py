@@ -33,9 +33,20 @@ from loadtest.free_sinks import NginxSinks
 from loadtest.nginx_baseline import INSTALL_HINT, ensure_installed, nginx_binary
 
 Section = Callable[[argparse.Namespace, list[dict[str, Any]]], dict[str, Any]]
+def soak_scenario(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--minutes`` of mixed load with lifecycle events; memory, fds and queue slopes (loadtest/soak.py)."""
+    from loadtest.soak import run_soak, summary_lines  # late: the soak module imports this package's parts
+
+    out_dir = Path(args.output).parent if args.output else Path("loadtest/results")
+    report = run_soak(args.minutes, args.workers, out_dir)
+    print("\n".join(summary_lines(report)))
+    return report
+
+
 STANDALONE: dict[str, Section] = {
     "ingest": ingest_scenario,
     "memory": lambda args, runs: memory_scenario(args),
+    "soak": soak_scenario,
 }
 DEFAULT_SCENARIOS = ("throughput", "latency", "stress", "stress-cpu", "memory")
 ALL_SCENARIOS = (*DEFAULT_SCENARIOS, *(name for name in STANDALONE if name not in DEFAULT_SCENARIOS))
@@ -45,8 +56,9 @@ NEEDS = {"nginx": {"latency", "stress-cpu", "ingest"}, "wrk": {"stress-cpu", "in
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=loadtest.bench.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
-                   help="comma list of " + ",".join(ALL_SCENARIOS) + " (default: all but ingest)")
+    p.add_argument("--scenarios", "--scenario", default=",".join(DEFAULT_SCENARIOS),
+                   help="comma list of " + ",".join(ALL_SCENARIOS) + " (default: all but ingest and soak)")
+    p.add_argument("--minutes", type=float, default=20.0, help="length of the soak's load (default 20)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument("--connections", type=int, default=64)
@@ -119,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         report["generator"] = "wrk " + (generators.wrk_version() or "")
     failed = [f"#{r['run']} {r['scenario']}/{r['target']}/{r['sizes']}" for r in runs if not r["check"]["passed"]]
     memory_ok = report.get("memory", {}).get("within_bound", True)
-    report["check"] = {"passed": not failed and memory_ok, "failed_runs": failed, "memory_within_bound": memory_ok}
+    soak_failures = report.get("soak", {}).get("checks", {}).get("failures", [])
+    report["check"] = {"passed": not failed and memory_ok and not soak_failures, "failed_runs": failed,
+                       "memory_within_bound": memory_ok, "soak_failures": soak_failures}
     report["targets"] = targets(report)
     report["loadavg_end"] = loadavg()
     report["elapsed_s"] = time.time() - started
