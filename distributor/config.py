@@ -37,6 +37,9 @@ MAX_ANALYZERS = 64
 # the shared table holds a row per worker and RL_CELLS cells per rate-limit slot in every row: keep it sane
 MAX_WORKERS = 256
 MAX_RATE_LIMIT_SLOTS = 1 << 20
+# the largest integer setting: the supervisor hands the configuration to its workers as JSON, which orjson
+# writes only for 64-bit integers (a larger one made it raise TypeError when a worker was spawned)
+MAX_INT = (1 << 63) - 1
 ANALYZER_KEYS = ("name", "url", "weight", "mode", "compression")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -123,6 +126,7 @@ class IngestConfig:
     retry_after: float = 1.0
     max_loop_lag: float = _optional(0.025)  # event-loop lag above which new packets get 503 at once (0 = off)
     max_batch_packets: int = 1000  # packets (lines) per POST /ingest/batch; 413 above
+    max_otlp_records: int = 10_000  # log records per POST /v1/logs; 413 above
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +403,9 @@ def _check_field(name: str, value: object, metadata: Mapping[str, Any]) -> None:
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name}: must be a positive integer, got {_shown(value)}")
+    if value > MAX_INT:
+        raise ConfigError(f"{name}: at most {MAX_INT}, got {_shown(value)}")
 
 
 def _check_positive_number(name: str, value: object) -> None:

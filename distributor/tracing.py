@@ -15,8 +15,11 @@ tracing off nothing here runs and the SDK is not even imported.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import random
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -25,6 +28,7 @@ from opentelemetry.trace import Link, SpanKind, get_current_span, set_span_in_co
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, SpanContext, Tracer as OtelTracer
 
 SERVICE_NAME = "log-distributor"
@@ -32,6 +36,12 @@ TRACES_PATH = "/v1/traces"
 # sampled packets still waiting for the send that delivers them; beyond this the oldest lose their link
 MAX_PENDING = 4096
 MAX_LINKS = 128  # the SDK's default span limit: a send span links at most this many packets
+# seconds a worker's exit waits for its last spans to leave: the SDK's own exit hook waits up to 30 s for the
+# export thread, whose request to a collector that does not answer lasts its whole timeout (10 s), longer
+# than the supervisor gives a stopping worker (graceful_timeout) before it kills it
+EXIT_FLUSH_SECONDS = 1.0
+# the SDK's loggers that warn, quoting the header, about a malformed traceparent or tracestate
+_HEADER_LOGGERS = ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span")
 # the last hex digit of a version-00 traceparent ("00-<32>-<16>-<flags>", 55 bytes) when its sampled flag is off;
 # such a header is not sampled without a look at its ids (an all-zero one, invalid, is not ignored then)
 _UNSAMPLED_FLAGS = b"02468ace"
@@ -41,6 +51,23 @@ _UNSAMPLED_FLAGS = b"02468ace"
 # changed in place, never rebound: the sender holds it by name
 sampled: dict[int, tuple[bytes, "SpanContext", "Tracer"]] = {}
 _propagator = TraceContextTextMapPropagator()
+
+
+class _Extracting(logging.Filter):
+    """Drops the SDK's warnings about a request's trace headers while they are read (``Tracer.sample``).
+
+    A malformed or over-long ``traceparent``/``tracestate`` is ignored, as W3C Trace Context says; the
+    SDK would also log a warning quoting it (up to 8 KB) for every such request, a log line per request
+    that any emitter can cause. Warnings logged at any other time pass.
+    """
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.active
+
+
+_extracting = _Extracting()
 
 
 class PacketFacts(Protocol):
@@ -71,10 +98,15 @@ class Tracer:
         resource = Resource.create({"service.name": SERVICE_NAME,
                                     "service.instance.id": f"{socket.gethostname()}/worker-{worker_slot}"})
         # the decision is taken in sample(), before any span exists: the SDK records whatever it is given
-        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)  # flushed by the SDK at exit
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, shutdown_on_exit=False)
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint.rstrip("/") + TRACES_PATH)))
+        _shut_down_at_exit(provider, EXIT_FLUSH_SECONDS)
         self.tracer: OtelTracer = provider.get_tracer("distributor")
         self._random = random.random
+        for name in _HEADER_LOGGERS:
+            logger = logging.getLogger(name)
+            if _extracting not in logger.filters:
+                logger.addFilter(_extracting)
 
     def sample(self, header: Callable[[bytes], bytes | None]) -> Context | None:
         """The parent of a request's trace when the request is sampled, else None: run for every request.
@@ -92,7 +124,11 @@ class Tracer:
         tracestate = header(b"tracestate")
         if tracestate is not None:
             carrier["tracestate"] = tracestate.decode("latin-1")
-        parent = _propagator.extract(carrier)
+        _extracting.active = True
+        try:
+            parent = _propagator.extract(carrier)
+        finally:
+            _extracting.active = False
         remote = get_current_span(parent).get_span_context()
         if not remote.is_valid:  # a malformed header is ignored, as W3C Trace Context says
             return Context() if self._random() < self.sample_ratio else None
@@ -179,6 +215,31 @@ class SendTrace:
         if status > 0:
             span.set_attribute("http.response.status_code", status)
         span.end()
+
+
+def _shut_down_at_exit(provider: "TracerProvider", seconds: float) -> None:
+    """At exit, export the spans still queued and stop, but wait at most ``seconds`` for it.
+
+    The shutdown runs in a daemon thread (a request still waiting on the collector then does not keep
+    the process alive), started now: some Python versions (3.12.1) refuse to start a thread in an exit
+    hook.
+    """
+    start, done = threading.Event(), threading.Event()
+
+    def shut_down() -> None:
+        start.wait()
+        try:
+            provider.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=shut_down, name="span-export-exit", daemon=True).start()
+
+    def at_exit() -> None:
+        start.set()
+        done.wait(seconds)
+
+    atexit.register(at_exit)
 
 
 def configure(sample_ratio: float, endpoint: str, worker_slot: int) -> Tracer | None:

@@ -339,7 +339,10 @@ class AnalyzerSender:
 
     async def _post(self, batch: list[Packet], traceparent: str | None) -> tuple[int, str | None, bool]:
         """(status or 0, Retry-After, whether the analyzer may have taken it despite the failure)."""
-        if self.mode == "batch":  # NDJSON: the packets as they are, a newline after each but the last
+        # read once, before any await: a retarget meanwhile (a reload, a re-add) must not label a body
+        # compressed one way with another's Content-Encoding, nor send it elsewhere
+        mode, compression, to = self.mode, self.compression, self._target
+        if mode == "batch":  # NDJSON: the packets as they are, a newline after each but the last
             path = "/ingest/batch"
             body: list[bytes] = []
             for raw, _, _ in batch:
@@ -351,13 +354,13 @@ class AnalyzerSender:
             path = "/ingest"
             body = [batch[0][0]]
             headers = b"Content-Type: application/json\r\n"
-        if self.compression != "none":
-            body = [await compressed(b"".join(body), self.compression)]
-            headers += b"Content-Encoding: %s\r\n" % self.compression.encode()
+        if compression != "none":
+            body = [await compressed(b"".join(body), compression)]
+            headers += b"Content-Encoding: %s\r\n" % compression.encode()
         if traceparent is not None:
             headers += b"traceparent: %s\r\n" % traceparent.encode("ascii")
         try:
-            answer = await self._client.post(self._target, path, headers, body)
+            answer = await self._client.post(to, path, headers, body)
         except SendError as exc:
             self._log.warning(f"send failed: {exc}")
             return 0, None, exc.ambiguous

@@ -72,6 +72,7 @@ class IngestApp:
         self.max_messages = config.ingest.max_messages_per_packet
         self.max_body_bytes = config.ingest.max_body_bytes
         self.max_batch_packets = config.ingest.max_batch_packets
+        self.max_otlp_records = config.ingest.max_otlp_records
         self._retry_after = config.ingest.retry_after
         self._max_retry_after = config.overload.max_retry_after
         capacity = config.queue.worker_max_bytes
@@ -167,7 +168,7 @@ class IngestApp:
             refusal = invalid(exc)
             return Response(exc.status, orjson.dumps({"error": refusal.error, "detail": refusal.detail,
                                                       "field": exc.field}))
-        refused = self.admit(body, packet, claimed_emitter(request.header(EMITTER_HEADER), request.headers))
+        refused = self.admit(body, packet, claimed_emitter(request.header(EMITTER_HEADER)))
         if refused is not None:
             if self.trace is not None:
                 self.trace.packet(None, packet, "", refused.error)

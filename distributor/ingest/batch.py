@@ -25,6 +25,7 @@ from distributor.ingest.contract import EMITTER_HEADER, ContractError, PacketInf
 from distributor.ingest.http11 import Pending, Request, Response, json_error
 from distributor.ingest.refusal import Refusal, invalid
 from distributor.shared_table import W_REJECTED_INVALID
+from distributor.tracing import RequestTrace
 
 CAPACITY = (429, 503)
 
@@ -43,7 +44,7 @@ class Admitter(Protocol):
 
 
 def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pending:
-    claimed = claimed_emitter(request.header(EMITTER_HEADER), request.headers)
+    claimed = claimed_emitter(request.header(EMITTER_HEADER))
     # the sampled request being handled (IngestApp.trace), if any; read, not required: an admitter without it
     # (a test's) traces nothing
     trace: RequestTrace | None = getattr(app, "trace", None)
@@ -70,6 +71,8 @@ def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pen
             if refusal is None:
                 accepted += 1
                 continue
+            if trace is not None:  # a sampled request: the refused packet's admit span says why
+                trace.packet(None, packet, "", refusal.error)
         if refusal.status in CAPACITY:
             retry_after = max(retry_after, refusal.retry_after or 0.0)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -20,14 +20,17 @@ MAX_ID_LENGTH = 256
 # second (:60), accepted as written: the leap-second table is not consulted.
 MAX_TIMESTAMP_MS = 253_402_300_799_999
 _MS_RANGE = f"integer milliseconds out of range 0..{MAX_TIMESTAMP_MS}"
-# the hot path: field ranges in the pattern, the calendar (days per month) by datetime.fromisoformat
+# the hot path: field ranges in the pattern, the calendar (days per month) by datetime.fromisoformat.
+# re.ASCII: RFC 3339 digits are 0-9, not any Unicode decimal digit (which \d and int() would take)
 _RFC3339 = re.compile(
     r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])[Tt ](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?"
-    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    re.ASCII,
 )
 # the error path (and the leap second, year 0000): the shape alone, each field checked to name what is wrong
 _RFC3339_SHAPE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?(?:[Zz]|[+-](\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.\d{1,9})?(?:[Zz]|[+-](\d{2}):(\d{2}))",
+    re.ASCII,
 )
 _DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
@@ -45,19 +48,16 @@ class ContractError(ValueError):
 EMITTER_HEADER = b"x-emitter-id"
 
 
-def claimed_emitter(value: bytes | None, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+def claimed_emitter(value: bytes | None) -> str | None:
     """The emitter a request says it comes from (``X-Emitter-Id``, which a load balancer may shard on), or None.
 
-    ``value`` is the header's (last) value, ``headers`` all of the request's. Empty is no claim, as HAProxy
-    hashes it. Several lines are combined as HTTP combines repeated fields ("a, b"): a balancer hashed the
-    first, so the request must not pass on the last alone. Bytes that are not UTF-8 become lone surrogates,
-    which no emitter_id can hold: such a request is refused, not guessed at.
+    ``value`` is the header as ``Request.header`` gives it, repeated lines combined ("a, b"): a balancer
+    hashed the first, so the request must not pass on the last alone. Empty is no claim, as HAProxy hashes
+    it. Bytes that are not UTF-8 become lone surrogates, which no emitter_id can hold: such a request is
+    refused, not guessed at.
     """
     if not value:
         return None
-    values = [v for name, v in headers if name == EMITTER_HEADER]
-    if len(values) > 1:
-        value = b", ".join(values)
     return value.decode("utf-8", "surrogateescape")
 
 

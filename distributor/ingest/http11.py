@@ -83,10 +83,19 @@ class Request:
         return self._conn._defer()
 
     def header(self, name: bytes) -> bytes | None:
-        """The last value of a header (``name`` in lower case), or None."""
+        """A header's value (``name`` in lower case), or None; repeated lines combined as "a, b" (RFC 9110 §5.3).
+
+        Combined, not the last line alone: a proxy in front may have acted on the first (hashed an
+        ``X-Emitter-Id``, decoded one ``Content-Encoding``), so the request must not pass on a part of it.
+        """
         by_name = self._by_name
-        if by_name is None:  # built once, in C, on the first lookup: the later value of a repeated name wins
+        if by_name is None:  # built once, in C, on the first lookup; a repeated name (rare) costs a second pass
             by_name = self._by_name = dict(self.headers)
+            if len(by_name) < len(self.headers):
+                combined: dict[bytes, list[bytes]] = {}
+                for key, value in self.headers:
+                    combined.setdefault(key, []).append(value)
+                by_name.update((key, b", ".join(values)) for key, values in combined.items() if len(values) > 1)
         return by_name.get(name)
 
 

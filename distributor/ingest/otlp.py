@@ -53,6 +53,7 @@ class OtlpAdmitter(Protocol):
 
     max_messages: int
     max_body_bytes: int
+    max_otlp_records: int
     ints: memoryview
     row: int
     trace: RequestTrace | None
@@ -80,8 +81,13 @@ def handle_otlp(app: OtlpAdmitter, request: Request, body: bytes) -> Response | 
     except ValueError as exc:
         app.ints[app.row + W_REJECTED_INVALID] += 1
         return status_response(encoding, 400, f"undecodable ExportLogsServiceRequest: {exc}")
+    records = sum(len(scope_logs.log_records) for resource_logs in export.resource_logs
+                  for scope_logs in resource_logs.scope_logs)
+    if records > app.max_otlp_records:  # one export must not hold the worker's loop for seconds
+        return status_response(encoding, 413, f"{records} log records in one export; "
+                                              f"ingest.max_otlp_records={app.max_otlp_records}")
     now_ms = time.time_ns() // 1_000_000
-    claimed = claimed_emitter(request.header(EMITTER_HEADER), request.headers)
+    claimed = claimed_emitter(request.header(EMITTER_HEADER))
     accepted = rejected = 0
     problems: list[str] = []
     capacity: list[Refusal] = []
@@ -102,10 +108,12 @@ def handle_otlp(app: OtlpAdmitter, request: Request, body: bytes) -> Response | 
             problems.append(f"resource_logs[{index}]: {refusal.error}: {refusal.detail}")
             if refusal.status in _CAPACITY:
                 capacity.append(refusal)
-    if capacity and not accepted:  # nothing was taken: the exporter retries the whole request later
+    if capacity:  # some packets could not be taken now: the exporter retries the whole request later. The
+        # packets taken meanwhile may then arrive twice; partial_success would make the exporter drop the rest
         status = 503 if any(refusal.status == 503 for refusal in capacity) else 429
-        return status_response(encoding, status, f"{capacity[0].error}: {capacity[0].detail}",
-                               max(refusal.retry_after or 0.0 for refusal in capacity))
+        refused = status_response(encoding, status, f"{capacity[0].error}: {capacity[0].detail}",
+                                  max(refusal.retry_after or 0.0 for refusal in capacity))
+        return app.answer(request, refused, accepted)
     result_message = ExportLogsServiceResponse()
     if rejected:
         result_message.partial_success.rejected_log_records = rejected
@@ -175,8 +183,12 @@ def to_packets(resource_logs: ResourceLogs, max_messages: int, max_bytes: int, n
     head = b'{"emitter_id":' + orjson.dumps(emitter_id) + b',"packet_id":'
     # room for the messages once the envelope and the longest id ("<digest>-<n>") are counted
     budget = max_bytes - len(head) - len(digest) - len(str(records)) - 32
-    chunks: list[list[bytes]] = [[]]
-    size = too_large = 0
+    # each packet's messages, comma-joined as they come: a message is not kept as its own bytes object, whose
+    # allocation (orjson's, about 4 KB per object once shrunk) would pin that much memory per record until the
+    # export is answered: 2 GB for the 500,000 empty records a 1 MB body can hold
+    chunks: list[tuple[bytearray, int]] = []
+    chunk = bytearray()
+    count = size = too_large = 0
     for scope_logs in resource_logs.scope_logs:
         scope = scope_logs.scope.name
         for record in scope_logs.log_records:
@@ -184,17 +196,22 @@ def to_packets(resource_logs: ResourceLogs, max_messages: int, max_bytes: int, n
             if len(message) + 1 > budget:
                 too_large += 1
                 continue
-            if len(chunks[-1]) == max_messages or size + len(message) + 1 > budget:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(message)
+            if count and (count == max_messages or size + len(message) + 1 > budget):
+                chunks.append((chunk, count))
+                chunk = bytearray()
+                count = size = 0
+            if count:
+                chunk += b","
+            chunk += message
+            count += 1
             size += len(message) + 1
-    chunks = [chunk for chunk in chunks if chunk]
+    if count:
+        chunks.append((chunk, count))
     packets = []
-    for n, chunk in enumerate(chunks):
+    for n, (chunk, count) in enumerate(chunks):
         packet_id = digest if len(chunks) == 1 else f"{digest}-{n}"
-        raw = head + orjson.dumps(packet_id) + b',"messages":[' + b",".join(chunk) + b"]}"
-        packets.append((raw, PacketInfo(emitter_id, packet_id, len(chunk), "normal")))
+        raw = b"".join((head, orjson.dumps(packet_id), b',"messages":[', chunk, b"]}"))
+        packets.append((raw, PacketInfo(emitter_id, packet_id, count, "normal")))
     problem = f"{too_large} log records larger than ingest.max_body_bytes={max_bytes}" if too_large else ""
     return Packets(packets, too_large, problem)
 
