@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from distributor.shared_table import C_NET_ROUTED_MESSAGES, AnalyzerRow, SharedTable
+from distributor.shared_table import C_NET_ROUTED_MESSAGES, H_GENERATION, AnalyzerRow, SharedTable
 
 NO_ANALYZER = -1
 
@@ -61,7 +61,9 @@ class Router:
     Routed totals are global: this worker's own counters (exact, read from its
     row) plus every other worker's, summed from the shared table at most every
     ``refresh_interval`` seconds, so the split holds even when workers see very
-    different traffic.
+    different traffic. A new analyzer generation is noticed by the next packet
+    (one shared-memory read each): a packet accepted after an admin change's
+    answer is routed by it, never to an analyzer just removed or drained.
     """
 
     def __init__(
@@ -108,9 +110,9 @@ class Router:
 
         ``has_room`` is asked with an analyzer *slot*.
         """
-        if time.monotonic() >= self._next_refresh:
-            self.refresh()
         ints = self._ints
+        if ints[H_GENERATION] != self.generation or time.monotonic() >= self._next_refresh:
+            self.refresh()
         routed = [o + ints[i] - b for o, i, b in zip(self._others, self._own, self._base)]
         slots = self.slots
         if not slots:
