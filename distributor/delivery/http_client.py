@@ -10,7 +10,10 @@ future. The health checks, which are few, stay on aiohttp.
 
 Errors say whether the analyzer may have taken the request (``SendError.ambiguous``):
 a connection that could not be opened never carried it; a timeout or a connection
-lost once the request was written might have.
+lost once the request was written might have. A kept-alive connection the analyzer
+closed before a byte of the answer (its idle timeout or request limit racing our
+request) is retried once on a new connection instead of failing the send. An answer's
+head is bounded (``MAX_ANSWER_HEAD``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from urllib.parse import urlsplit
 import httptools
 
 IDLE_TIMEOUT = 15.0  # seconds an unused keep-alive connection stays open (aiohttp's default)
+MAX_ANSWER_HEAD = 64 * 1024  # bytes of an answer's status line and header fields (httptools would keep any amount)
 
 
 class SendError(Exception):
@@ -60,7 +64,8 @@ def target(url: str) -> Target:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: at most one request at a time (no pipelining)."""
 
-    __slots__ = ("transport", "parser", "waiter", "status", "retry_after", "closed", "keep", "idle_timer")
+    __slots__ = ("transport", "parser", "waiter", "status", "retry_after", "closed", "keep", "idle_timer",
+                 "in_head", "head_bytes", "received", "used")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -71,6 +76,10 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep = True
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.in_head = False  # between an answer's first byte and the end of its header fields
+        self.head_bytes = 0
+        self.received = False  # a byte of the answer to the current request arrived
+        self.used = False  # carried a request before the current one (a kept-alive connection)
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,11 +89,18 @@ class _Connection(asyncio.Protocol):
         if self.waiter is None:  # bytes nobody asked for: the connection cannot be trusted any more
             self.close()
             return
+        self.received = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(SendError(f"malformed answer: {exc}", ambiguous=True))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # 101: no protocol switch here
+            self._fail(SendError(f"malformed answer: {exc.__class__.__name__}: {exc}", ambiguous=True))
             self.close()
+            return
+        if self.in_head:  # what is still head was all head: without a bound, a hostile analyzer's endless
+            self.head_bytes += len(data)  # header field grows in memory (and is copied at each segment)
+            if self.head_bytes > MAX_ANSWER_HEAD:
+                self._fail(SendError(f"answer head over {MAX_ANSWER_HEAD} bytes", ambiguous=True))
+                self.close()
 
     def eof_received(self) -> bool | None:
         self._lost("the analyzer closed the connection before answering")
@@ -94,12 +110,20 @@ class _Connection(asyncio.Protocol):
         self._lost(f"connection lost before the answer ({exc or 'closed'})")
 
     # ---- httptools callbacks
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_bytes = 0
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 11 and name.lower() == b"retry-after":
             self.retry_after = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         self.status = self.parser.get_status_code()
+        if self.status < 100:  # no such status: it would pass for an interim answer and wait for the timeout
+            self._fail(SendError(f"malformed answer: status {self.status}", ambiguous=True))
+            self.close()
 
     def on_message_complete(self) -> None:
         if self.status < 200:  # an interim answer (103 Early Hints): the real one follows
@@ -115,6 +139,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None and self.waiter is None
         self.status = 0
         self.retry_after = None
+        self.received = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.writelines([head, *body])
         return self.waiter
@@ -167,18 +192,33 @@ class HttpClient:
         try:
             async with asyncio.timeout(self._request_timeout):
                 connection = await self._acquire(key, to)
-                self._busy.add(connection)
                 try:
-                    answer = await connection.request(head, body)
-                except BaseException:
-                    connection.close()  # cancelled or failed mid-request: the connection's state is unknown
-                    raise
-                finally:
-                    self._busy.discard(connection)
+                    answer = await self._exchange(connection, head, body)
+                except SendError:
+                    if not connection.used or connection.received:
+                        raise
+                    # a kept-alive connection the analyzer closed (its idle timeout, a limit of requests per
+                    # connection) as the request went out: once more on a new connection, not a failed send
+                    # counted against the analyzer. Which may have taken the first: so may any retry.
+                    try:
+                        connection = await self._connect(to)
+                        answer = await self._exchange(connection, head, body)
+                    except SendError as exc:
+                        raise SendError(str(exc), ambiguous=True) from None
         except TimeoutError:
             raise SendError("timed out", ambiguous=True) from None
         self._release(key, connection)
         return answer
+
+    async def _exchange(self, connection: _Connection, head: bytes, body: Sequence[bytes]) -> Answer:
+        self._busy.add(connection)
+        try:
+            return await connection.request(head, body)
+        except BaseException:
+            connection.close()  # cancelled or failed mid-request: the connection's state is unknown
+            raise
+        finally:
+            self._busy.discard(connection)
 
     async def _acquire(self, key: tuple[str, str, int], to: Target) -> _Connection:
         idle = self._idle.get(key)
@@ -189,6 +229,9 @@ class HttpClient:
                 connection.idle_timer = None
             if not connection.closed and connection.transport is not None and not connection.transport.is_closing():
                 return connection
+        return await self._connect(to)
+
+    async def _connect(self, to: Target) -> _Connection:
         loop = asyncio.get_running_loop()
         secure = to.scheme == "https"
         try:
@@ -203,6 +246,7 @@ class HttpClient:
         return protocol
 
     def _release(self, key: tuple[str, str, int], connection: _Connection) -> None:
+        connection.used = True
         if connection.closed or not connection.keep:
             connection.close()
             return

@@ -281,6 +281,10 @@ class AnalyzerSender:
             await self._wal.attempted([packet[2] for packet in batch])
         traceparent = None if send is None else send.traceparent
         while True:
+            if len(batch) > 1 and self.mode != "batch":  # retargeted to one packet per request since the batch
+                self.queue.requeue(batch[1:])  # was taken: the rest waits its turn instead of being counted
+                del batch[1:]  # delivered with the first
+                self.notify()
             status, retry_after, ambiguous = await self._attempt(batch, traceparent)
             if send is not None:
                 send.attempted(status)
