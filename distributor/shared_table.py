@@ -121,7 +121,8 @@ COMPRESSION_NAMES = {code: name for name, code in COMPRESSION_CODES.items()}
     W_SHED,
     W_RATE_LIMITED,
     W_LAG_SHED,  # answered 503 because the event loop lagged (CPU saturated)
-) = range(24)
+    W_READY_RSS,  # the worker's RSS (bytes) just before it started listening: what max_worker_memory_mb compares with
+) = range(25)
 # HttpStats attribute -> worker cell, copied by the worker's heartbeat
 HTTP_STAT_CELLS = {
     "connections_total": W_CONNECTIONS_TOTAL,
@@ -134,7 +135,7 @@ HTTP_STAT_CELLS = {
 }
 # ingest handler latency histogram: one cell per upper bound, the last is +Inf
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, float("inf"))
-W_LATENCY_BUCKETS = 24
+W_LATENCY_BUCKETS = W_READY_RSS + 1
 # the worker's write-ahead log (all zero while it is off)
 (
     W_WAL_STATE,  # WAL_OFF, WAL_AVAILABLE, WAL_UNAVAILABLE

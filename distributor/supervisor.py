@@ -43,6 +43,7 @@ from distributor.shared_table import (
     W_HEARTBEAT,
     W_PID,
     W_READY,
+    W_READY_RSS,
     W_STATE,
     W_WAL_STATE,
     WAL_AVAILABLE,
@@ -108,7 +109,7 @@ class WorkerHandle:
     kill_reason: str = ""
     retiring: bool = False  # asked to stop (recycle, roll): a replacement follows its exit
     stop_deadline: float = float("inf")
-    fresh_rss: int = 0  # RSS first seen once ready: a memory limit below it can never be met
+    fresh_rss: int = 0  # RSS the worker had before it listened: a memory limit below it can never be met
     cpu_base: float = 0.0  # CPU seconds of the slot's earlier processes: the counter never goes back
     exits: list[int] = field(default_factory=list)
 
@@ -168,14 +169,20 @@ class Supervisor:
     def spawn(self, handle: WorkerHandle) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}  # no admin token
         env[CONFIG_ENV] = orjson.dumps(self.config.for_workers()).decode()
-        handle.process = subprocess.Popen(
-            [sys.executable, "-m", "distributor.workers", "--slot", str(handle.slot), "--table", self.table.name],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            # its own process group: a Ctrl-C at the terminal reaches the supervisor alone, which stops the
-            # workers in order (an interpreter still starting would otherwise die of it with a traceback)
-            process_group=0,
-        )
+        # The worker starts with SIGINT blocked (a mask survives fork and exec) and ignores it once running: a
+        # Ctrl-C at the terminal, sent to the whole process group, is the supervisor's alone, which stops the
+        # workers in order; an interpreter still starting would otherwise die of it with a traceback. The
+        # workers stay in the supervisor's process group, so `kill -9 -PGID` takes them all. A SIGINT that
+        # comes meanwhile is delivered to the supervisor when its mask is restored, not lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            handle.process = subprocess.Popen(
+                [sys.executable, "-m", "distributor.workers", "--slot", str(handle.slot), "--table", self.table.name],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         handle.config = self.config
         handle.spawned_at = time.monotonic()
         handle.ready = handle.retiring = False
@@ -246,6 +253,8 @@ class Supervisor:
                 if self._row(handle, W_STATE) == W_READY:
                     handle.ready = True
                     handle.boot_failures = 0
+                    handle.fresh_rss = self._row(handle, W_READY_RSS)
+                    self._warn_limit_below_fresh_rss(handle)
                 elif now - handle.spawned_at > timeout:
                     self._kill(handle, f"not ready within worker_timeout={timeout:g}s")
                     continue
@@ -279,26 +288,28 @@ class Supervisor:
         limit_mb = self.config.max_worker_memory_mb
         limit = limit_mb * (1 << 20)
         for handle in self.workers:
-            if not handle.alive or not handle.ready or handle.retiring or (handle.fresh_rss and not limit):
+            if not limit or not handle.alive or not handle.ready or handle.retiring:
                 continue
             assert handle.process is not None
             try:
                 rss = psutil.Process(handle.process.pid).memory_info().rss
             except psutil.Error:
                 continue
-            if not handle.fresh_rss:  # sampled even without a limit: one set by a reload compares with this
-                handle.fresh_rss = rss
-                if limit and rss > limit:
-                    log.warning("max_worker_memory_mb=%g is below a fresh worker's RSS (%.1f MB): worker %d will "
-                                "not be recycled for memory; raise the limit", limit_mb, rss / (1 << 20), handle.slot,
-                                extra={"event": "memory_limit_below_fresh_rss"})
-                continue
-            if limit and rss > limit and handle.fresh_rss <= limit and not self._replacing():
+            if rss > limit and handle.fresh_rss <= limit and not self._replacing():
                 reason = f"RSS {rss / (1 << 20):.1f} MB above max_worker_memory_mb={limit_mb:g}"
                 log.warning("worker %d (pid %d): %s; replacing it gracefully", handle.slot, handle.process.pid,
                             reason)
                 self.memory_recycles += 1
                 self._retire(handle, reason)
+
+    def _warn_limit_below_fresh_rss(self, handle: WorkerHandle) -> None:
+        """A limit below what a worker is before its first packet can never be met: it is not recycled for it
+        (every replacement would be over it at once), and the operator is told."""
+        limit_mb = self.config.max_worker_memory_mb
+        if limit_mb and handle.fresh_rss > limit_mb * (1 << 20):
+            log.warning("max_worker_memory_mb=%g is below a fresh worker's RSS (%.1f MB): worker %d will not be "
+                        "recycled for memory; raise the limit", limit_mb, handle.fresh_rss / (1 << 20), handle.slot,
+                        extra={"event": "memory_limit_below_fresh_rss"})
 
     def _publish_pressure(self) -> None:
         """Above overload.memory_watermark of the cgroup's limit (anonymous memory) the workers' queues stop
@@ -366,6 +377,10 @@ class Supervisor:
         applied = changed_settings(old, self.config, SUPERVISOR_SETTINGS)
         if applied:
             log.info("reload: applied now: %s", ", ".join(applied), extra={"event": "reload_applied", "keys": applied})
+        if "max_worker_memory_mb" in applied:
+            for handle in self.workers:
+                if handle.ready:
+                    self._warn_limit_below_fresh_rss(handle)
         if rolled:
             log.info("reload: rolling %d workers one at a time to apply %s", len(self.workers), ", ".join(rolled),
                      extra={"event": "reload_rolling", "keys": rolled})

@@ -56,6 +56,7 @@ from distributor.shared_table import (
     W_QUEUED_BYTES,
     W_QUEUED_PACKETS,
     W_READY,
+    W_READY_RSS,
     W_STARTED,
     W_STATE,
     W_STOPPING,
@@ -293,6 +294,7 @@ class IngestWorker:
             max_connections=ingest.max_connections,
         )
         server = HttpServer(self.app, limits, self.http_stats)
+        ints[row + W_READY_RSS] = resident_bytes()  # before the first packet can arrive: the fresh size
         try:
             sock = bind_reuseport(self.config.listen.host, self.config.listen.port)
         except OSError as exc:
@@ -337,6 +339,12 @@ class IngestWorker:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def resident_bytes() -> int:
+    """This process's RSS, as psutil (and the supervisor) read it: resident pages in /proc/self/statm."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv: list[str] | None = None) -> int:
