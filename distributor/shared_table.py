@@ -36,7 +36,7 @@ from pathlib import Path
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "log-distributor-"
 MAGIC = 0x4C4F47444953_5452  # "LOGDISTR"
-LAYOUT_VERSION = 9
+LAYOUT_VERSION = 10
 
 # header cells
 (
