@@ -28,6 +28,7 @@ from loadtest.bench.ingest import ingest_scenario
 from loadtest.bench.memory import memory_scenario
 from loadtest.bench.report import print_table, targets
 from loadtest.bench.runner import Bench
+from loadtest.bench.wal import wal_scenario
 from loadtest.cpu import loadavg
 from loadtest.free_sinks import NginxSinks
 from loadtest.nginx_baseline import INSTALL_HINT, ensure_installed, nginx_binary
@@ -47,17 +48,18 @@ STANDALONE: dict[str, Section] = {
     "ingest": ingest_scenario,
     "memory": lambda args, runs: memory_scenario(args),
     "soak": soak_scenario,
+    "wal": wal_scenario,
 }
 DEFAULT_SCENARIOS = ("throughput", "latency", "stress", "stress-cpu", "memory")
 ALL_SCENARIOS = (*DEFAULT_SCENARIOS, *(name for name in STANDALONE if name not in DEFAULT_SCENARIOS))
-NEEDS = {"nginx": {"latency", "stress-cpu", "ingest"}, "wrk": {"stress-cpu", "ingest"}}
+NEEDS = {"nginx": {"latency", "stress-cpu", "ingest", "wal"}, "wrk": {"stress-cpu", "ingest", "wal"}}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=loadtest.bench.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", "--scenario", default=",".join(DEFAULT_SCENARIOS),
-                   help="comma list of " + ",".join(ALL_SCENARIOS) + " (default: all but ingest and soak)")
+                   help="comma list of " + ",".join(ALL_SCENARIOS) + " (default: all but ingest, soak and wal)")
     p.add_argument("--minutes", type=float, default=20.0, help="length of the soak's load (default 20)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
@@ -69,7 +71,10 @@ def parser() -> argparse.ArgumentParser:
                    help="analyzers: python sink processes (default) or free ones answered by nginx")
     p.add_argument("--baseline", choices=("none", "nginx", "floor"), default="none",
                    help="nginx: rounds of distributor / nginx weighted proxy / bare floor; floor: without nginx")
-    p.add_argument("--rounds", type=int, default=3, help="baseline and ingest rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="baseline, ingest and wal rounds (default 3)")
+    p.add_argument("--wal-dir", default="", metavar="DIR",
+                   help="where the wal scenario puts its logs (default: the temporary directory; a real disk, "
+                        "not a tmpfs, for fsyncs that cost what they cost)")
     p.add_argument("--batch", type=int, default=0, metavar="N",
                    help="throughput in batch mode: N packets per POST /ingest/batch request (default 0: one per "
                         "POST /ingest)")

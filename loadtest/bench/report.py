@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from loadtest.bench.ingest_report import ingest_targets, print_ingest
+from loadtest.bench.wal import print_wal
 
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +63,11 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         out["rss_queues_full_le_queue_bytes_plus_60mb"] = {"value": worst, "bound": report["memory"]["bound_mb"],
                                                             "met": report["memory"]["within_bound"]}
     out.update(ingest_targets(report.get("ingest") or {}))
+    for mode, entry in ((report.get("wal") or {}).get("modes") or {}).items():
+        if "target_over_off" in entry and entry["over_off"]:
+            out[f"wal_{mode}_2xx_per_s_ge_{entry['target_over_off']}x_off"] = {
+                "value": entry["over_off"]["min"], "max": entry["over_off"]["max"],
+                "met": entry["target_met_every_round"], "judged_on": "least flattering round"}
     return out
 
 
@@ -92,6 +98,7 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"memory worker {slot}: queues {f['queued_mb']:.0f} MiB -> peak RSS {f['rss_mb']:.0f} MiB, "
                   f"USS {f['uss_mb']:.0f} MiB (bound {memory['bound_mb']:.0f} MiB)")
     print_ingest(report.get("ingest"))
+    print_wal(report.get("wal"))
     print()
     for name, t in report["targets"].items():
         more = f" (most flattering {t['max']:.2f})" if "max" in t else ""
