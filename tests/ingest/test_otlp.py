@@ -2,14 +2,13 @@
 
 The client nobody here wrote is the OpenTelemetry Python SDK (``logging`` -> LoggingHandler ->
 BatchLogRecordProcessor -> OTLPLogExporter over HTTP/protobuf). JSON requests are built from the
-opentelemetry-proto messages with google.protobuf.json_format, plus the OTLP JSON rules (hex ids,
-enums as numbers). One analyzer slot of the cluster is a recording sink, so the test sees the packet
-bytes as forwarded; the other is the real analyzer service.
+opentelemetry-proto messages (tests/otlp_messages.py) with google.protobuf.json_format, plus the OTLP
+JSON rules (hex ids, enums as numbers). One analyzer slot of the cluster is a recording sink, so the
+test sees the packet bytes as forwarded; the other is the real analyzer service.
 """
 
 from __future__ import annotations
 
-import base64
 import gzip
 import http.client
 import logging
@@ -20,12 +19,10 @@ from typing import Any, Iterator
 
 import orjson
 import pytest
-from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
-from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
 from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
@@ -35,63 +32,13 @@ from distributor.ingest.contract import parse_packet
 from distributor.ingest.otlp import PROTOBUF, decode, to_packets
 from distributor.tools.localcluster import LocalCluster, wait_until
 from http_sinks import RecordingServer
+from otlp_messages import T0, export, otlp_json, record, resource_logs, value
 
 # the SDK's own LoggingHandler still works; it points to opentelemetry-instrumentation-logging's for the future
 pytestmark = pytest.mark.filterwarnings("ignore:`LoggingHandler` in `opentelemetry-sdk` is deprecated")
 MAX_MESSAGES = 50
 MAX_BODY = 64 * 1024
 NOW_MS = 1_764_172_800_000
-T0 = 1_764_172_800_123_456_789  # nanoseconds
-
-
-def value(item: Any) -> AnyValue:
-    if item is None:
-        return AnyValue()
-    if isinstance(item, bool):
-        return AnyValue(bool_value=item)
-    if isinstance(item, int):
-        return AnyValue(int_value=item)
-    if isinstance(item, float):
-        return AnyValue(double_value=item)
-    if isinstance(item, bytes):
-        return AnyValue(bytes_value=item)
-    if isinstance(item, list):
-        return AnyValue(array_value=ArrayValue(values=[value(i) for i in item]))
-    if isinstance(item, dict):
-        return AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key=k, value=value(v)) for k, v in item.items()]))
-    return AnyValue(string_value=item)
-
-
-def record(body: Any = "hello", **fields: Any) -> LogRecord:
-    attributes = fields.pop("attributes", {})
-    fields.setdefault("time_unix_nano", T0)
-    return LogRecord(body=value(body), attributes=[KeyValue(key=k, value=value(v)) for k, v in attributes.items()],
-                     **fields)
-
-
-def resource_logs(records: list[LogRecord], service: str | None = "checkout", instance: str | None = None,
-                  scope: str = "app.orders") -> ResourceLogs:
-    resource = {"service.name": service, "service.instance.id": instance, "host.name": "web-01"}
-    logs = ResourceLogs(scope_logs=[ScopeLogs(log_records=records)])
-    logs.scope_logs[0].scope.name = scope
-    logs.resource.attributes.extend(KeyValue(key=k, value=value(v)) for k, v in resource.items() if v is not None)
-    return logs
-
-
-def export(*logs: ResourceLogs) -> ExportLogsServiceRequest:
-    return ExportLogsServiceRequest(resource_logs=list(logs))
-
-
-def otlp_json(request: ExportLogsServiceRequest) -> bytes:
-    """The OTLP JSON encoding: lowerCamelCase, enums as numbers, int64 as strings, trace/span ids in hex."""
-    data = json_format.MessageToDict(request, use_integers_for_enums=True)
-    for logs in data.get("resourceLogs", []):
-        for scope in logs.get("scopeLogs", []):
-            for item in scope.get("logRecords", []):
-                for key in ("traceId", "spanId"):
-                    if key in item:
-                        item[key] = base64.b64decode(item[key]).hex()
-    return orjson.dumps(data)
 
 
 def packets_of(logs: ResourceLogs, max_messages: int = MAX_MESSAGES, max_bytes: int = MAX_BODY
