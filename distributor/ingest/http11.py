@@ -102,18 +102,23 @@ class Request:
 class Pending:
     """An answer still to come; the answers of later requests on the connection wait behind it."""
 
-    __slots__ = ("_conn", "_data", "_close")
+    __slots__ = ("_conn", "_data", "_close", "_method", "_version")
 
-    def __init__(self, conn: "_Conn", data: bytes | None, close: bool) -> None:
+    def __init__(self, conn: "_Conn", data: bytes | None, close: bool, method: bytes = b"",
+                 version: str = "1.1") -> None:
         self._conn = conn
         self._data = data  # the rendered answer; None until ``answer``
         self._close = close  # the connection closes after this answer
+        # of the request it answers, rendered later: by then the connection may be parsing another
+        # (a pipelined HEAD must not strip this answer's body, nor HTTP/1.1 its HTTP/1.0 keep-alive)
+        self._method = method
+        self._version = version
 
     def answer(self, response: "Response") -> None:
         conn = self._conn
         if self._data is not None or conn._t is None:
             return  # answered already, or the client is gone
-        self._data = conn._render(response, not self._close)
+        self._data = conn._render(response, not self._close, self._method, self._version)
         conn._drain_outbox()
 
 
@@ -293,8 +298,10 @@ class _Conn(asyncio.Protocol):
             self._feed(data)
 
     def eof_received(self) -> bool | None:
-        if self._pending is not None and self._state != _CLOSING:
-            self._eof = True  # finish the buffered pipeline first, then close
+        if self._outbox or (self._pending is not None and self._state != _CLOSING):
+            # the client is done sending, not reading (a half-close): finish the buffered pipeline and
+            # write the answers still owed (deferred ones too), then close
+            self._eof = True
             return True
         self._state = _CLOSING
         return None  # transport closes itself after flushing answers
@@ -316,8 +323,9 @@ class _Conn(asyncio.Protocol):
         if self._state == _CLOSING or self._t is None or self._paused:
             return
         if self._eof and self._pending is None:
-            self._state = _CLOSING
-            self._t.close()
+            if not self._outbox:  # else the last answer owed closes it (_drain_outbox)
+                self._state = _CLOSING
+                self._t.close()
             return
         self._t.resume_reading()
 
@@ -535,11 +543,12 @@ class _Conn(asyncio.Protocol):
 
     # ---- writing and closing -------------------------------------------------------------
 
-    def _render(self, response: Response, keep: bool) -> bytes:
+    def _render(self, response: Response, keep: bool, method: bytes, version: str) -> bytes:
+        """The answer's bytes for a request with this method and HTTP version."""
         status, body, extra, ctype = response
         if not keep:
             conn = _CONN_CLOSE
-        elif self._version == "1.0":
+        elif version == "1.0":
             conn = _CONN_KEEP
         else:
             conn = b""
@@ -549,7 +558,7 @@ class _Conn(asyncio.Protocol):
         except KeyError:
             line = b"HTTP/1.1 %d Unknown\r\n" % status
         data = _RESPONSE_FMT % (line, ctype, len(body), self._srv.date, conn, xh, body)
-        if self._method == b"HEAD" or status in _NO_BODY_STATUS:  # rare: strip the payload
+        if method == b"HEAD" or status in _NO_BODY_STATUS:  # rare: strip the payload
             data = data[: len(data) - len(body)]
             if status in _NO_BODY_STATUS:
                 data = data.replace(b"content-length: %d\r\n" % len(body), b"", 1)
@@ -561,7 +570,7 @@ class _Conn(asyncio.Protocol):
         return data
 
     def _write(self, response: Response, keep: bool) -> None:
-        data = self._render(response, keep)
+        data = self._render(response, keep, self._method, self._version)
         if self._outbox:
             self._outbox.append(Pending(self, data, False))
         else:
@@ -582,7 +591,7 @@ class _Conn(asyncio.Protocol):
             self._linger()
 
     def _defer(self) -> Pending:
-        pending = Pending(self, None, False)
+        pending = Pending(self, None, False, self._method, self._version)
         if self._outbox is None:
             self._outbox = deque()
         self._outbox.append(pending)
@@ -612,6 +621,9 @@ class _Conn(asyncio.Protocol):
         if close:
             self._state = _IDLE  # lets _linger run
             self._linger()
+        elif self._eof and self._outbox is None and self._pending is None and self._state != _CLOSING:
+            self._state = _CLOSING  # the client half-closed and has every answer now
+            t.close()
 
     def _stop(self, response: Response) -> typing.NoReturn:
         """Answer, close, and abort the parser (callbacks only)."""
@@ -626,7 +638,7 @@ class _Conn(asyncio.Protocol):
             # head incomplete but its method parsed (before on_url the parser holds a stale one):
             # an answer to HEAD carries no body
             self._method = typing.cast(httptools.HttpRequestParser, self._parser).get_method()
-        self._emit(self._render(response, False), True)
+        self._emit(self._render(response, False, self._method, self._version), True)
 
     def _linger(self) -> None:
         # Closing with unread input makes the kernel send RST, which can destroy our answer
@@ -636,10 +648,11 @@ class _Conn(asyncio.Protocol):
         self._state = _CLOSING
         self._pending = None
         self.deadline = monotonic() + _LINGER
-        if t.can_write_eof():
+        if t.can_write_eof() and not self._eof:  # after the client's EOF there is no input left to drain
             t.write_eof()
-            if self._paused:
-                t.resume_reading()
+            # reading may be paused by back-pressure, now or before writing resumed (resume_writing does not
+            # resume it once closing): the linger is there to drain the client's input
+            t.resume_reading()
         else:
             t.close()
 
