@@ -67,14 +67,21 @@ class CgroupMemory:
                 base = root / relative
                 if not (base / "memory.max").exists():
                     base = _mounted(mountinfo, "cgroup2", path, "memory.max") or base
-                if (base / "memory.max").exists():
-                    self._adopt(base / "memory.max", base / "memory.stat", b"anon")
+                self._adopt_nearest(base, "memory.max", b"anon")
             elif "memory" in controllers.split(","):  # v1
                 base = root / "memory" / relative
                 if not (base / "memory.limit_in_bytes").exists():
                     base = _mounted(mountinfo, "cgroup", path, "memory.limit_in_bytes") or base
-                if (base / "memory.limit_in_bytes").exists():
-                    self._adopt(base / "memory.limit_in_bytes", base / "memory.stat", b"total_rss")
+                self._adopt_nearest(base, "memory.limit_in_bytes", b"total_rss")
+
+    def _adopt_nearest(self, base: Path, limit_name: str, anon_key: bytes) -> None:
+        """The smallest limit of ``base`` and of its ancestors (as far as the mount shows them), measured against
+        the anonymous memory of the cgroup that has it: a limit on a parent (a systemd slice, a pod, a delegated
+        subtree) binds the processes below it as much as their own, which is often "max"."""
+        for directory in (base, *base.parents):
+            if not (directory / limit_name).exists():
+                break
+            self._adopt(directory / limit_name, directory / "memory.stat", anon_key)
 
     def _adopt(self, limit_file: Path, stat_file: Path, anon_key: bytes) -> None:
         try:

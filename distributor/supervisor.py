@@ -36,7 +36,7 @@ from distributor.cgroup import CgroupMemory
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.ingest.listener import PortClaim, claim_port
-from distributor.tls import analyzer_context, server_context
+from distributor.tls import analyzer_context, pin_files, server_context
 from distributor.wal.segment import WalLocked, lock
 from distributor.shared_table import (
     H_MEMORY_PRESSURE,
@@ -124,6 +124,8 @@ class Supervisor:
         self._reload_config = reload_config
         server_context(config.tls, verify_clients=True)  # a bad certificate file: exit 2 now, not a boot loop
         analyzer_context(config.tls)
+        # what every worker loads, whenever it starts: the files as they were now (a restart takes new ones)
+        self._worker_tls, self._tls_fds = pin_files(config.tls)
         self._port_claim: PortClaim | None = claim_port(config.listen, config.allow_shared_port)
         try:  # one distributor per WAL directory: a second one would take slots the first one's workers own
             self._wal_claim = lock(Path(config.wal.dir)) if config.wal.dir else -1
@@ -157,6 +159,9 @@ class Supervisor:
 
     def close(self) -> None:
         self.table.close()
+        for fd in self._tls_fds:
+            os.close(fd)
+        self._tls_fds = []
         if self._port_claim is not None:
             self._port_claim.close()
             self._port_claim = None
@@ -168,7 +173,7 @@ class Supervisor:
 
     def spawn(self, handle: WorkerHandle) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}  # no admin token
-        env[CONFIG_ENV] = orjson.dumps(self.config.for_workers()).decode()
+        env[CONFIG_ENV] = orjson.dumps(replace(self.config, tls=self._worker_tls).for_workers()).decode()
         # The worker starts with SIGINT blocked (a mask survives fork and exec) and ignores it once running: a
         # Ctrl-C at the terminal, sent to the whole process group, is the supervisor's alone, which stops the
         # workers in order; an interpreter still starting would otherwise die of it with a traceback. The
@@ -180,6 +185,7 @@ class Supervisor:
                 [sys.executable, "-m", "distributor.workers", "--slot", str(handle.slot), "--table", self.table.name],
                 env=env,
                 stdin=subprocess.DEVNULL,
+                pass_fds=self._tls_fds,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
