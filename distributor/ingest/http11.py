@@ -738,6 +738,79 @@ class _Conn(asyncio.Protocol):
         return path + b"?" + parsed.query if parsed.query else path
 
 
+class _TlsHandshake(asyncio.Protocol):
+    """A TLS connection until its handshake is done, counted toward ``max_connections`` from its accept on.
+
+    With the loop's own TLS (``create_server(ssl=...)``) the protocol hears of a connection only once its
+    handshake is done: connections still in it were counted nowhere, and 18,000 that never sent a ClientHello
+    grew a worker to 1 GB under ``max_connections`` = 10,000. Here a plain connection is admitted (or closed at
+    once above the limit: a 503 would need the handshake the limit is there to spare), upgraded by ``start_tls``
+    within ``header_timeout`` and handed to the HTTP protocol once encrypted.
+    """
+
+    __slots__ = ("_srv", "_context", "_early", "_eof", "_lost")
+
+    def __init__(self, srv: HttpServer, context: ssl.SSLContext) -> None:
+        self._srv = srv
+        self._context = context
+        self._early: list[bytes] = []  # read before start_tls took the transport over: the ClientHello, or data
+        self._eof = self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        srv = self._srv
+        plain = typing.cast(asyncio.Transport, transport)
+        if srv._open + len(srv._handshakes) >= srv.limits.max_connections or srv._closing:
+            srv.stats.connections_rejected += 1
+            plain.abort()
+            return
+        srv._handshakes.add(asyncio.get_running_loop().create_task(self._upgrade(plain)))
+
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+
+    async def _upgrade(self, plain: asyncio.Transport) -> None:
+        srv = self._srv
+        loop = asyncio.get_running_loop()
+        handshake = loop.create_task(loop.start_tls(plain, self, self._context, server_side=True,
+                                                    ssl_handshake_timeout=srv.limits.header_timeout))
+        handshake.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved if not awaited
+        try:
+            await asyncio.sleep(0)  # start_tls has set its TLS protocol on the transport, reading paused
+            early, self._early = b"".join(self._early), []
+            if early and not handshake.done():  # the bytes read before, ahead of any read after
+                tls_protocol = typing.cast(asyncio.BufferedProtocol, plain.get_protocol())
+                view = memoryview(tls_protocol.get_buffer(len(early)))
+                fed = min(len(early), len(view))
+                view[:fed] = early[:fed]
+                tls_protocol.buffer_updated(fed)
+                if fed < len(early):  # more than a TLS record's worth before the handshake: not a client
+                    plain.abort()
+            if self._eof:
+                plain.abort()
+            tls = await handshake
+        except Exception:  # not TLS, a refused certificate, too slow, or gone: start_tls closed it
+            plain.abort()
+            return
+        finally:
+            srv._handshakes.discard(typing.cast("asyncio.Task[None]", asyncio.current_task()))
+        if tls is None or self._lost:
+            return
+        conn = srv._factory()
+        tls.set_protocol(conn)
+        conn.connection_made(tls)
+        if self._early:  # decrypted before this task resumed
+            conn.data_received(b"".join(self._early))
+        if self._eof and conn._t is not None and not conn.eof_received():
+            tls.close()
+
+
 class HttpServer:
     """Owns the connections of one worker: protocol factory, timeout sweeper, graceful shutdown."""
 
@@ -751,6 +824,7 @@ class HttpServer:
         self._empty = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()  # TLS connections in their handshake (_TlsHandshake)
         self._second = 0
         self.date = _date_line()
         self.err_413 = json_error(413, "body_too_large", f"body exceeds {limits.max_body_bytes} bytes")
@@ -773,9 +847,10 @@ class HttpServer:
         with ``ssl_context``."""
         loop = asyncio.get_running_loop()
         # create_server calls listen() again (default 100); ask for more, the kernel clamps to somaxconn
-        tls: dict[str, Any] = {} if ssl_context is None else {
-            "ssl": ssl_context, "ssl_handshake_timeout": self.limits.header_timeout}
-        self._server = await loop.create_server(self._factory, sock=sock, backlog=65535, **tls)
+        factory: Any = self._factory
+        if ssl_context is not None:  # the handshake under max_connections and header_timeout: _TlsHandshake
+            factory = lambda: _TlsHandshake(self, ssl_context)  # noqa: E731
+        self._server = await loop.create_server(factory, sock=sock, backlog=65535)
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
