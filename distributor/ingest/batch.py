@@ -50,6 +50,7 @@ def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pen
     trace: RequestTrace | None = getattr(app, "trace", None)
     lines = body.split(b"\n")
     if len(lines) > app.max_batch_packets and sum(1 for line in lines if _filled(line)) > app.max_batch_packets:
+        app.ints[app.row + W_REJECTED_INVALID] += 1  # one request refused whole: counted once
         return json_error(413, "batch_too_large", f"more than max_batch_packets={app.max_batch_packets} packets")
     accepted = 0
     rejected: list[dict[str, Any]] = []

@@ -84,6 +84,7 @@ def handle_otlp(app: OtlpAdmitter, request: Request, body: bytes) -> Response | 
     records = sum(len(scope_logs.log_records) for resource_logs in export.resource_logs
                   for scope_logs in resource_logs.scope_logs)
     if records > app.max_otlp_records:  # one export must not hold the worker's loop for seconds
+        app.ints[app.row + W_REJECTED_INVALID] += 1
         return status_response(encoding, 413, f"{records} log records in one export; "
                                               f"ingest.max_otlp_records={app.max_otlp_records}")
     now_ms = time.time_ns() // 1_000_000

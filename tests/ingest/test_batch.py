@@ -72,10 +72,16 @@ def test_bad_lines_are_rejected_by_index_and_the_rest_accepted(cluster: LocalClu
     assert ("b-mix", "big") not in received(cluster)
 
 
-def test_more_lines_than_max_batch_packets_is_413(client: Client) -> None:
+def invalid_count(cluster: LocalCluster) -> int:
+    return sum(w["rejected_invalid"] for w in cluster.admin("/admin/workers")["workers"])
+
+
+def test_more_lines_than_max_batch_packets_is_413(cluster: LocalCluster, client: Client) -> None:
     lines = [packet(emitter="b-big", packet_id=f"x-{i}", messages=1) for i in range(MAX_BATCH + 1)]
+    before = invalid_count(cluster)
     status, _, body = client.post(batch(*lines), "/ingest/batch")
     assert status == 413 and body["error"] == "batch_too_large"
+    assert invalid_count(cluster) == before + 1  # the limit's metric: distributor_packets_total{outcome="invalid"}
     status, _, body = client.post(batch(*lines[:MAX_BATCH]), "/ingest/batch")
     assert status == 200 and body["accepted"] == MAX_BATCH
 

@@ -132,6 +132,7 @@ def test_an_export_of_more_records_than_max_otlp_records_gets_413_and_nothing_is
     cluster = make_cluster(analyzers=(("a1", 1.0),), distributor_args=["--set", "ingest.max_otlp_records=100"])
     status, _, body = _post_otlp(cluster.data_port, _empty_records_export(101))
     assert status == 413 and b"max_otlp_records=100" in Status.FromString(body).message.encode()
+    assert cluster.admin("/admin/workers")["workers"][0]["rejected_invalid"] == 1  # the limit's metric
     status, _, _ = _post_otlp(cluster.data_port, _empty_records_export(100))
     assert status == 200
     wait_until(lambda: cluster.analyzer("a1").stats()["messages"] == 100, 10, "the export at the limit")
