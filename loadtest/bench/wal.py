@@ -4,7 +4,10 @@ an nginx weighted proxy in front of the same sinks.
 
 Each mode gets a distributor of its own (``[wal]`` is read at start), its log in a fresh directory under
 ``--wal-dir`` (default: the system's temporary directory; put it on the disk whose fsync you want to
-measure, not a tmpfs), warmed up for a second, stopped after its run; rounds alternate the modes
+measure, not a tmpfs), warmed up for a second, stopped after its run, its log deleted and the page cache
+written back (``sync``) before the next run starts, outside the measured window: on ext4 an fsync waits
+for the journal to write back every dirty page, and a run must not pay for the previous one's gigabyte;
+rounds alternate the modes
 (``--rounds``). Per run: packets/s, p50/p99, CPU per 2xx, and from the workers' own counters the fsyncs
 per second and the bytes written to the log per packet (record headers included). Targets: ``interval``
 keeps at least 85 % of the throughput without the log, ``always`` at least 50 %.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,6 +52,7 @@ def _measure_mode(args: argparse.Namespace, sinks: NginxSinks, runs: list[dict[s
     settings += ["--set", f"queue.max_packets={args.queue_max_packets}"]
     if mode != "off":
         settings += ["--set", f"wal.dir={directory / f'{mode}-{round_no}'}", "--set", f"wal.sync={mode}"]
+    os.sync()  # what earlier runs (or anything else) left dirty is written back before this one starts
     with LocalCluster(analyzers=(), workers=args.workers, analyzer_flags=False, distributor_args=settings) as cluster:
         bench = Bench(args, cluster, sinks, runs)
         bench.warm_up()
@@ -58,6 +63,10 @@ def _measure_mode(args: argparse.Namespace, sinks: NginxSinks, runs: list[dict[s
 
         record = bench.measure(f"wal:{mode}", "distributor", "fixed", load, {"wal_sync": mode}, round_no=round_no)
         after = _wal_counters(cluster)
+    # the next run must not pay for this one: its log gone and the page cache written back (an fsync of
+    # the next mode would otherwise wait for ext4's journal to flush this run's gigabyte of dirty pages)
+    shutil.rmtree(directory / f"{mode}-{round_no}", ignore_errors=True)
+    os.sync()
     seconds = record["duration_s"] or 1e-9
     appended = after["appended_packets"] - before["appended_packets"]
     record["wal"] = {
