@@ -47,6 +47,7 @@ _FRESH, _IDLE, _BODY, _CLOSING, _HEAD, _CHUNKED = range(6)
 _LINGER = 1.0  # after an error answer keep draining input so the client reads it instead of an RST
 _FEED_SLICE = 16 << 10  # feed big reads in slices so a write-paused connection stops producing answers
 _INF = float("inf")
+_MAX_EARLY_TLS = 64 << 10  # bytes a TLS client may send before the server speaks: its ClientHello
 # body pieces below this size are gathered in a bytearray: with ~60 bytes per object, a body
 # costs at most ~6% more than its size however it is chunked
 _SMALL_PIECE = 1024
@@ -777,30 +778,26 @@ class _TlsHandshake(asyncio.Protocol):
 
     async def _upgrade(self, plain: asyncio.Transport) -> None:
         srv = self._srv
-        loop = asyncio.get_running_loop()
-        handshake = loop.create_task(loop.start_tls(plain, self, self._context, server_side=True,
-                                                    ssl_handshake_timeout=srv.limits.header_timeout))
+        handshake = asyncio.get_running_loop().create_task(self._start_tls(plain))
         handshake.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved if not awaited
         try:
-            await asyncio.sleep(0)  # start_tls has set its TLS protocol on the transport, reading paused
+            await asyncio.sleep(0)  # _start_tls has run: its TLS protocol set on the transport, reading paused
             early, self._early = b"".join(self._early), []
             if early and not handshake.done():  # the bytes read before, ahead of any read after
                 tls_protocol = typing.cast(asyncio.BufferedProtocol, plain.get_protocol())
-                view = memoryview(tls_protocol.get_buffer(len(early)))
-                fed = min(len(early), len(view))
-                view[:fed] = early[:fed]
-                tls_protocol.buffer_updated(fed)
-                if fed < len(early):  # more than a TLS record's worth before the handshake: not a client
-                    plain.abort()
-            if self._eof:
-                plain.abort()
+                while early:  # into the TLS protocol's incoming buffer; nothing is read before its connection_made
+                    view = memoryview(tls_protocol.get_buffer(len(early)))
+                    fed = min(len(early), len(view))
+                    view[:fed] = early[:fed]
+                    tls_protocol.buffer_updated(fed)
+                    early = early[fed:]
             tls = await handshake
         except Exception:  # not TLS, a refused certificate, too slow, or gone: start_tls closed it
             plain.abort()
             return
         finally:
             srv._handshakes.discard(typing.cast("asyncio.Task[None]", asyncio.current_task()))
-        if tls is None or self._lost:
+        if tls is None or self._lost or tls.is_closing():  # closed during its handshake: nothing to serve
             return
         conn = srv._factory()
         tls.set_protocol(conn)
@@ -809,6 +806,17 @@ class _TlsHandshake(asyncio.Protocol):
             conn.data_received(b"".join(self._early))
         if self._eof and conn._t is not None and not conn.eof_received():
             tls.close()
+
+    async def _start_tls(self, plain: asyncio.Transport) -> asyncio.Transport | None:
+        """``start_tls`` on a connection still open, checked in the same loop step as ``start_tls`` takes it over
+        (no read between). Started on a connection a reset had closed meanwhile, its TLS protocol's connection_made
+        ran anyway (a traceback per connection in the worker's log, the protocol held until the handshake timeout)
+        or the handshake waited forever, holding its ``max_connections`` place; one half-closed or sending more
+        than a ClientHello before the handshake is no client."""
+        if plain.is_closing() or self._lost or self._eof or sum(map(len, self._early)) > _MAX_EARLY_TLS:
+            raise ConnectionResetError("closed, or not a TLS client, before its handshake")
+        return await asyncio.get_running_loop().start_tls(
+            plain, self, self._context, server_side=True, ssl_handshake_timeout=self._srv.limits.header_timeout)
 
 
 class HttpServer:
