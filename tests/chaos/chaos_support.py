@@ -84,6 +84,9 @@ def check_invariants(cluster: LocalCluster, *loads: LoadStats, restarted: tuple[
         missing = [key for key in accepted_keys if key not in seen]
         assert not missing, f"{len(missing)} packets answered 202 never reached an analyzer"
         assert duplicates <= possible_duplicates
+    if wal_on(cluster):  # every packet delivered has left the log: nothing stays unacknowledged
+        wait_until(lambda: all(w["wal"]["unacked_packets"] == 0 for w in cluster.admin("/admin/workers")["workers"]),
+                   15, "every worker's log to hold no unacknowledged packet")
     return {
         "answered_202": len(accepted),
         "delivered": delivered,
@@ -92,6 +95,11 @@ def check_invariants(cluster: LocalCluster, *loads: LoadStats, restarted: tuple[
         "dropped": dropped,
         "failovers": sum(a["failover_packets"] for a in view),
     }
+
+
+def wal_on(cluster: LocalCluster) -> bool:
+    """Whether the cluster's workers write a write-ahead log (``DISTRIBUTOR_WAL_DIR`` set by the test)."""
+    return any((w.get("wal") or {}).get("available") for w in cluster.admin("/admin/workers")["workers"])
 
 
 def report(name: str, figures: dict[str, Any]) -> None:

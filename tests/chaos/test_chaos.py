@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -16,6 +19,15 @@ from support import Client, packet
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.fixture(params=["wal-off", "wal-on"])
+def wal(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The scenarios where packets wait in queues run twice: with the write-ahead log off and on (interval
+    sync), which must change nothing of what the invariant check sees: no packet lost, none left in a log."""
+    if request.param == "wal-on":
+        monkeypatch.setenv("DISTRIBUTOR_WAL_DIR", str(tmp_path / "wal"))
+    return bool(request.param == "wal-on")
+
+
 def shares(cluster: LocalCluster, names: tuple[str, ...]) -> dict[str, float]:
     """Epoch share among ``names`` only."""
     view = {a["name"]: a for a in cluster.admin("/admin/analyzers")["analyzers"]}
@@ -24,7 +36,7 @@ def shares(cluster: LocalCluster, names: tuple[str, ...]) -> dict[str, float]:
 
 
 def test_killed_analyzer_is_detected_traffic_moves_and_it_warms_up_on_return(
-    make_cluster: Callable[..., LocalCluster],
+    make_cluster: Callable[..., LocalCluster], wal: bool,
 ) -> None:
     cluster = make_cluster(analyzers=WEIGHTS, workers=2, distributor_args=FAST)
     load = start_load(cluster, 8.0)
@@ -51,7 +63,7 @@ def test_killed_analyzer_is_detected_traffic_moves_and_it_warms_up_on_return(
 
 
 def test_stalled_analyzer_fails_over_and_the_others_keep_taking_load(
-    make_cluster: Callable[..., LocalCluster],
+    make_cluster: Callable[..., LocalCluster], wal: bool,
 ) -> None:
     cluster = make_cluster(analyzers=WEIGHTS, workers=2, distributor_args=FAST)
     load = start_load(cluster, 6.0)
@@ -70,7 +82,7 @@ def test_stalled_analyzer_fails_over_and_the_others_keep_taking_load(
 
 
 def test_analyzer_marked_down_gives_up_its_inflight_requests_at_once(
-    make_cluster: Callable[..., LocalCluster],
+    make_cluster: Callable[..., LocalCluster], wal: bool,
 ) -> None:
     """Stalled with a 120 s request timeout: once a1 is down its hung batches fail over now, not in 120 s."""
     cluster = make_cluster(analyzers=WEIGHTS, workers=2,
@@ -132,7 +144,7 @@ def test_flapping_analyzer_waits_longer_each_time_and_others_keep_their_split(
     report("flapping a4", {"backoffs": "/".join(f"{b:g}" for b in backoffs), **figures})
 
 
-def test_all_analyzers_down_then_back(make_cluster: Callable[..., LocalCluster]) -> None:
+def test_all_analyzers_down_then_back(make_cluster: Callable[..., LocalCluster], wal: bool) -> None:
     """All stall under load: queued and in-flight packets wait (nowhere to fail over), new ones get 503 at once."""
     cluster = make_cluster(analyzers=WEIGHTS, workers=2, distributor_args=FAST)
     load = start_load(cluster, 2.0)
@@ -160,6 +172,42 @@ def test_all_analyzers_down_then_back(make_cluster: Callable[..., LocalCluster])
     latencies.sort()
     report("all down", {"p50_503_ms": latencies[149] * 1e3, "p99_503_ms": latencies[296] * 1e3,
                         "waiting_while_down": sum(waiting), **figures})
+
+
+def test_killed_worker_under_load_loses_nothing_with_the_log_and_counts_every_loss_without(
+    make_cluster: Callable[..., LocalCluster], wal: bool,
+) -> None:
+    """kill -9 of a worker holding queued and in-flight packets (slow analyzers): with the log its successor
+    replays them and every 202 arrives (lost_worker_crash 0); without it, every packet answered 202 that
+    never arrived is counted lost by the successor."""
+    cluster = make_cluster(analyzers=WEIGHTS, workers=2, distributor_args=FAST)
+    for proc in cluster.analyzer_procs:
+        proc.control(delay_ms=150)  # answers take a while: each worker holds packets at any moment
+    load = start_load(cluster, 4.0, rate=600)
+    wait_until(lambda: sum(w["queued_packets"] for w in cluster.admin("/admin/workers")["workers"]) > 20, 10,
+               "packets queued in the workers")
+    victim = cluster.admin("/admin/workers")["workers"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_until(lambda: (w := cluster.admin("/admin/workers")["workers"][0])["pid"] not in (None, victim["pid"])
+               and w["state"] == "ready", 30, "the successor of worker 0")
+    stats = load.join()
+    for proc in cluster.analyzer_procs:
+        proc.control(delay_ms=0)
+    if wal:
+        figures = check_invariants(cluster, stats)
+        successor = cluster.admin("/admin/workers")["workers"][0]
+        assert successor["wal"]["replayed_packets"] > 0, "the kill came with packets in the log"
+        report("kill -9 worker 0, log on", {"replayed": successor["wal"]["replayed_packets"], **figures})
+        return
+    cluster.wait_drained(timeout=60)
+    view = cluster.admin("/admin/analyzers")["analyzers"]
+    lost = sum(a["lost_packets"] for a in view)
+    seen: Counter[tuple[str, str]] = Counter()
+    for proc in cluster.analyzer_procs:
+        seen.update(proc.packet_keys())
+    missing = [(e, pid) for e, pid, _ in stats.accepted if (e, pid) not in seen]
+    assert 0 < len(missing) <= lost, f"{len(missing)} answered 202 never arrived, {lost} counted lost"
+    report("kill -9 worker 0, log off", {"answered_202": len(stats.accepted), "missing": len(missing), "lost": lost})
 
 
 def test_flooding_emitter_is_rate_limited_alone(make_cluster: Callable[..., LocalCluster]) -> None:
