@@ -107,6 +107,20 @@ class CgroupMemory:
         return 0
 
 
+PRESSURE_HYSTERESIS = 0.05  # pressure ends this far under the watermark (half of it, for a watermark < 0.1)
+
+
+def under_pressure(ratio: float, watermark: float, pressed: bool) -> bool:
+    """Whether memory is under pressure now: above the watermark it starts, and it ends only clearly under it,
+    so that a ratio hovering at the watermark does not flap. The margin is never more than half the
+    watermark: a low watermark (0.03) would otherwise need a negative ratio to end."""
+    if ratio > watermark:
+        return True
+    if ratio < watermark - min(PRESSURE_HYSTERESIS, watermark / 2):
+        return False
+    return pressed
+
+
 def _find_malloc_trim() -> Any:
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc; other C libraries have none

@@ -32,7 +32,7 @@ from typing import Callable
 import orjson
 import psutil
 
-from distributor.cgroup import CgroupMemory
+from distributor.cgroup import CgroupMemory, under_pressure
 from distributor.config import ENV_PREFIX, Config, ConfigError
 from distributor.delivery.analyzer_set import AnalyzerSet
 from distributor.ingest.listener import PortClaim, claim_port
@@ -65,7 +65,6 @@ WORKER_SETTINGS = ("graceful_timeout", "routing_refresh_interval", "log_format",
 RESTART_SETTINGS = ("workers", "listen", "admin_listen", "allow_shared_port", "wal", "tls")
 # settings the supervisor reads: a reload applies them at once (analyzers are reported by the analyzer set)
 SUPERVISOR_SETTINGS = ("worker_timeout", "max_worker_memory_mb", "health", "admin")
-PRESSURE_HYSTERESIS = 0.05  # pressure ends this far under the watermark (half of it, for a watermark < 0.1)
 WORKER_OVERHEAD = 60 << 20  # what a worker needs beside its queues (measured: README, memory bound)
 STALE_HEARTBEAT = 2.0  # seconds: a worker whose loop has not stamped since is not counted as serving
 
@@ -326,11 +325,12 @@ class Supervisor:
         self.memory_ratio = ratio = self.cgroup.anonymous() / limit
         watermark = self.config.overload.memory_watermark
         ints = self.table.ints
-        if ratio > watermark and not ints[H_MEMORY_PRESSURE]:
+        pressed = under_pressure(ratio, watermark, bool(ints[H_MEMORY_PRESSURE]))
+        if pressed and not ints[H_MEMORY_PRESSURE]:
             ints[H_MEMORY_PRESSURE] = 1
             log.warning("memory pressure: %.0f%% of the cgroup's %d MiB limit in use; queues stop growing (503)",
                         ratio * 100, limit >> 20, extra={"event": "memory_pressure", "ratio": ratio})
-        elif ratio < watermark - min(PRESSURE_HYSTERESIS, watermark / 2) and ints[H_MEMORY_PRESSURE]:
+        elif not pressed and ints[H_MEMORY_PRESSURE]:
             ints[H_MEMORY_PRESSURE] = 0
             log.info("memory pressure over: %.0f%% of the cgroup's limit", ratio * 100,
                      extra={"event": "memory_pressure_over", "ratio": ratio})

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from cgroup_support import MemoryCgroup, MiB, _make_child, memory_cgroup
+from distributor.cgroup import under_pressure
 from distributor.tools.localcluster import ManagedProcess, free_ports, wait_until
 
 __all__ = ["memory_cgroup"]  # the fixture, imported for pytest
@@ -196,3 +197,12 @@ def _no_children_left() -> Iterator[None]:
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
             and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.parametrize("watermark", [0.85, 0.3, 0.05, 0.03, 0.01])
+def test_memory_pressure_starts_above_the_watermark_and_ends_under_it_at_any_watermark(watermark: float) -> None:
+    """A watermark below 0.05 never ended the pressure: it ended only 0.05 under the watermark, a negative ratio."""
+    assert under_pressure(watermark * 1.01, watermark, False)
+    assert under_pressure(watermark * 0.99, watermark, True)  # hysteresis: no flapping at the watermark
+    assert not under_pressure(watermark * 0.99, watermark, False)
+    assert not under_pressure(watermark * 0.4, watermark, True)  # ends once clearly under it, whatever the watermark
