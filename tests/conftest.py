@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Generator, Iterator
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import pytest
 
+from cluster_helpers import ConfigFileCluster, show_logs
 from distributor.tools.localcluster import LocalCluster
+from tls_certs import make_certs
 
 # Every distributor a test starts inherits this: shedding on event-loop lag depends on how busy the
 # test machine is, which no test may depend on. The tests of that guard turn it on with --set
@@ -28,12 +32,40 @@ def make_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[..., Local
     yield factory
     for cluster in clusters:
         cluster.stop()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for cluster in clusters:
-            for proc in [cluster.distributor, *cluster.analyzer_procs]:
-                if proc is not None:
-                    print(f"--- {proc.name} log ---\n{proc.log_tail(60)}")
+    show_logs(request, clusters)
+
+
+@pytest.fixture
+def file_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., ConfigFileCluster]]:
+    """Factory for started ConfigFileClusters (every setting in one TOML file, so SIGHUP reloads it); every one
+    is stopped at teardown, logs shown on failure."""
+    clusters: list[ConfigFileCluster] = []
+
+    def factory(analyzers: Sequence[tuple[str, float]] = (("a1", 1.0),), workers: int = 1,
+                settings: dict[str, object] | None = None, analyzer_args: dict[str, list[str]] | None = None,
+                extra_analyzers: list[tuple[str, str, float]] | None = None) -> ConfigFileCluster:
+        cluster = ConfigFileCluster(analyzers=analyzers, workers=workers, analyzer_args=analyzer_args or {},
+                                    start_distributor=False, analyzer_flags=False,
+                                    config_path=tmp_path / f"distributor-{len(clusters)}.toml",
+                                    settings=dict(settings or {}), extra_analyzers=list(extra_analyzers or []))
+        clusters.append(cluster)
+        cluster.start()
+        cluster.write()
+        cluster.start_distributor_process()
+        return cluster
+
+    yield factory
+    for cluster in clusters:
+        cluster.stop()
+    show_logs(request, clusters, 80)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TLS tests' certificates (tls_certs.ISSUED), made once per run; skips without the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.hookimpl(hookwrapper=True)

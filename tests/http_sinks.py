@@ -1,8 +1,9 @@
-"""A small real HTTP server, started by a test, that records what it is sent.
+"""Small real HTTP servers a test starts on 127.0.0.1 in a thread of its own.
 
-It stands in where the test must see whole requests: as an analyzer slot of a LocalCluster (the
-forwarded packet bytes and headers, e.g. ``traceparent``), and as the OTLP/HTTP collector that
-receives the distributor's spans (``POST /v1/traces``, decoded with opentelemetry-proto).
+``RecordingServer`` stands in where the test must see whole requests: as an analyzer slot of a
+LocalCluster (the forwarded packet bytes and headers, e.g. ``traceparent``), and as the OTLP/HTTP
+collector that receives the distributor's spans (``POST /v1/traces``, decoded with opentelemetry-proto).
+``ThreadedServer`` runs a scripted ``BaseHTTPRequestHandler`` (a fake analyzer's answers).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 import orjson
@@ -25,6 +27,23 @@ class Recorded:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+
+
+class ThreadedServer:
+    """``handler`` served by a ThreadingHTTPServer on 127.0.0.1 (a free port) until ``close``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class RecordingServer:

@@ -18,123 +18,19 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import pytest
 
+from cluster_helpers import STALL_TOLERANT, ConfigFileCluster, log_lines, log_text, sighup_and_wait, workers
 from distributor.control.client import http_json
 from distributor.tools.localcluster import LocalCluster, wait_until
 from support import Client, packet
 
 TOKEN = "reload-t0ken"
-# a stalled analyzer stays routable: its /health is not asked again for a minute and its sends wait for it
-STALL_TOLERANT: dict[str, object] = {"health.interval": 60, "health.timeout": 1, "sender.request_timeout": 120}
 EXIT_CONFIG = 2  # distributor.cli.EXIT_CONFIG
-
-
-# --- a distributor that reads everything from one TOML file ------------------------------------------------
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
-@dataclass
-class FileCluster(LocalCluster):
-    """Analyzers as in LocalCluster; the distributor's every setting (ports and workers too) comes from a file."""
-
-    config_path: Path = Path("distributor.toml")
-    settings: dict[str, object] = field(default_factory=dict)
-
-    def distributor_argv(self) -> list[str]:
-        return [sys.executable, "-m", "distributor", "serve", "--config", str(self.config_path)]
-
-    def toml(self, changes: dict[str, object] | None = None) -> str:
-        """The file's text: top-level keys, ``[section]`` tables from dotted keys, then ``[[analyzers]]``."""
-        values: dict[str, object] = {"listen": f"127.0.0.1:{self.data_port}",
-                                     "admin_listen": f"127.0.0.1:{self.admin_port}", "workers": self.workers,
-                                     **self.settings, **(changes or {})}
-        lines = [f"{key} = {toml_value(value)}" for key, value in values.items() if "." not in key]
-        sections: dict[str, list[str]] = {}
-        for key, value in values.items():
-            section, dot, name = key.partition(".")
-            if dot:
-                sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
-        for section, entries in sections.items():
-            lines += [f"[{section}]", *entries]
-        for (name, weight), proc in zip(self.analyzers, self.analyzer_procs):
-            lines += ["[[analyzers]]", f"name = {json.dumps(name)}", f"url = {json.dumps(proc.url)}",
-                      f"weight = {weight!r}"]
-        return "\n".join(lines) + "\n"
-
-    def write(self, changes: dict[str, object] | None = None) -> None:
-        """Rewrite the file with the settings so far plus ``changes`` (kept for later writes)."""
-        self.settings.update(changes or {})
-        self.config_path.write_text(self.toml())
-
-    def log(self) -> str:
-        assert self.distributor is not None
-        return self.distributor.log_path.read_text(errors="replace")
-
-    def log_lines(self, text: str) -> list[str]:
-        return [line for line in self.log().splitlines() if text in line]
-
-    def sighup_and_wait(self, text: str, timeout: float = 10.0) -> str:
-        """SIGHUP, then wait for one more log line with ``text`` (the supervisor must stay alive); returns it."""
-        before = len(self.log_lines(text))
-        distributor = self.distributor
-        assert distributor is not None and distributor.process is not None
-        distributor.signal(signal.SIGHUP)
-
-        def logged() -> bool:
-            assert distributor.alive(), (f"the supervisor exited with {distributor.process.returncode} after "  # type: ignore[union-attr]
-                                         f"SIGHUP:\n{distributor.log_tail(15)}")
-            return len(self.log_lines(text)) > before
-
-        wait_until(logged, timeout, f"a log line with {text!r} after SIGHUP")
-        return self.log_lines(text)[before]
-
-    def worker_rows(self) -> list[dict[str, Any]]:
-        return list(self.admin("/admin/workers")["workers"])
-
-    def analyzer_rows(self) -> dict[str, dict[str, Any]]:
-        return {a["name"]: a for a in self.admin("/admin/analyzers")["analyzers"]}
-
-
-FileClusterFactory = Callable[..., FileCluster]
-
-
-@pytest.fixture
-def file_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FileClusterFactory]:
-    """Factory for started FileClusters; every one is stopped at teardown, its logs shown on failure."""
-    clusters: list[FileCluster] = []
-
-    def factory(analyzers: Sequence[tuple[str, float]] = (("a1", 1.0),), workers: int = 1,
-                settings: dict[str, object] | None = None) -> FileCluster:
-        cluster = FileCluster(analyzers=analyzers, workers=workers, start_distributor=False, analyzer_flags=False,
-                              config_path=tmp_path / f"distributor-{len(clusters)}.toml",
-                              settings={"admin.token": TOKEN, **(settings or {})})
-        clusters.append(cluster)
-        cluster.start()
-        cluster.write()
-        cluster.start_distributor_process()
-        return cluster
-
-    yield factory
-    for cluster in clusters:
-        cluster.stop()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for cluster in clusters:
-            for proc in [cluster.distributor, *cluster.analyzer_procs]:
-                if proc is not None:
-                    print(f"--- {proc.name} log ---\n{proc.log_tail(60)}")
+FileClusterFactory = Callable[..., ConfigFileCluster]  # conftest's file_cluster: every setting in one TOML file
 
 
 def post_packets(port: int, count: int, prefix: str, per_connection: int = 1) -> list[str]:
@@ -222,24 +118,24 @@ def test_sighup_with_a_file_the_parser_cannot_take_is_rejected_and_serving_goes_
     file_cluster: FileClusterFactory, variant: str,
 ) -> None:
     """Defect 1: the supervisor died (ValueError, RecursionError) and its workers with it, or blocked on a FIFO."""
-    cluster = file_cluster(workers=2)
-    pids = sorted(w["pid"] for w in cluster.worker_rows())
+    cluster = file_cluster(workers=2, settings={"admin.token": TOKEN})
+    pids = sorted(w["pid"] for w in workers(cluster))
     good = cluster.config_path.read_text()
     make_unparsable(cluster.config_path, good, variant)
     try:
-        line = cluster.sighup_and_wait("reload rejected")
+        line = sighup_and_wait(cluster, "reload rejected")
     finally:
         release_fifo_reader(cluster.config_path)
     assert REJECTION[variant] in line, line
-    assert sorted(w["pid"] for w in cluster.worker_rows()) == pids
-    assert all(w["state"] == "ready" for w in cluster.worker_rows())
+    assert sorted(w["pid"] for w in workers(cluster)) == pids
+    assert all(w["state"] == "ready" for w in workers(cluster))
     assert http_json(cluster.admin_url + "/ready")[0] == 200
     post_packets(cluster.data_port, 5, f"after-{variant}")
     # the running configuration is kept, and a good file is taken again
     cluster.config_path.unlink()
     cluster.config_path.write_text(good)
-    cluster.sighup_and_wait("reloaded: ")
-    assert sorted(w["pid"] for w in cluster.worker_rows()) == pids
+    sighup_and_wait(cluster, "reloaded: ")
+    assert sorted(w["pid"] for w in workers(cluster)) == pids
 
 
 @pytest.mark.parametrize("variant", UNPARSABLE)
@@ -321,7 +217,7 @@ def test_sigterm_during_a_rolling_reload_lets_the_worker_being_rolled_flush_its_
 ) -> None:
     """Defect 4: the worker being rolled already had its SIGTERM; the supervisor's stop sent it a second one,
     which a worker takes as 'hurry': it dropped its queue at once instead of flushing it."""
-    cluster = file_cluster(workers=2, settings={"graceful_timeout": 30.0, **STALL_TOLERANT,
+    cluster = file_cluster(workers=2, settings={"admin.token": TOKEN, "graceful_timeout": 30.0, **STALL_TOLERANT,
                                                 "ingest.retry_after": 1.0})
     analyzer = cluster.analyzer("a1")
     distributor = cluster.distributor
@@ -329,17 +225,17 @@ def test_sigterm_during_a_rolling_reload_lets_the_worker_being_rolled_flush_its_
     analyzer.control(stall=True)  # every packet waits in its worker's queue
     try:
         accepted = post_packets(cluster.data_port, 40, "roll")
-        wait_until(lambda: all(w["queued_packets"] > 0 for w in cluster.worker_rows()), 10, "both workers to hold packets")
+        wait_until(lambda: all(w["queued_packets"] > 0 for w in workers(cluster)), 10, "both workers to hold packets")
         cluster.write({"ingest.retry_after": 2.0})  # a worker setting: the reload rolls worker 0 first
         distributor.signal(signal.SIGHUP)
-        wait_until(lambda: [w["state"] for w in cluster.worker_rows()] == ["stopping", "ready"], 15,
+        wait_until(lambda: [w["state"] for w in workers(cluster)] == ["stopping", "ready"], 15,
                    "the roll to stop worker 0")
         distributor.signal(signal.SIGTERM)  # one operator SIGTERM: a graceful stop for every worker
-        wait_until(lambda: all(w["state"] != "ready" for w in cluster.worker_rows()), 15, "every worker stopping")
+        wait_until(lambda: all(w["state"] != "ready" for w in workers(cluster)), 15, "every worker stopping")
     finally:
         analyzer.control(stall=False)
     assert distributor.process.wait(60) == 0
-    dropped = dropped_at_shutdown(cluster.log())
+    dropped = dropped_at_shutdown(log_text(cluster))
     assert dropped == 0, f"{dropped} packets dropped at shutdown by one SIGTERM with graceful_timeout = 30"
     assert sorted(pid for _, pid in analyzer.packet_keys()) == sorted(accepted)
 
@@ -350,20 +246,20 @@ def test_sigterm_during_a_rolling_reload_lets_the_worker_being_rolled_flush_its_
 @pytest.mark.timeout(60)
 def test_reloaded_worker_timeout_applies_to_running_workers_and_is_logged(file_cluster: FileClusterFactory) -> None:
     """Defect 9: the watchdog judged each worker by the worker_timeout it was spawned with (30 s here)."""
-    cluster = file_cluster(workers=2, settings={"worker_timeout": 30.0})
+    cluster = file_cluster(workers=2, settings={"admin.token": TOKEN, "worker_timeout": 30.0})
     cluster.write({"worker_timeout": 2.0})
-    line = cluster.sighup_and_wait("reloaded: ")
-    victim = cluster.worker_rows()[0]["pid"]
+    line = sighup_and_wait(cluster, "reloaded: ")
+    victim = workers(cluster)[0]["pid"]
     os.kill(victim, signal.SIGSTOP)  # its event loop stops stamping the heartbeat
     try:
         # 2 s of silence and the watchdog's look: well within 12 s; the old 30 s would not be
-        replaced = wait_until(lambda: (w := cluster.worker_rows()[0])["state"] == "ready" and w["pid"] != victim and w,
+        replaced = wait_until(lambda: (w := workers(cluster)[0])["state"] == "ready" and w["pid"] != victim and w,
                               12, "the stopped worker to be replaced after the reloaded worker_timeout = 2")
         assert not alive(victim)
     finally:
         if alive(victim):
             os.kill(victim, signal.SIGCONT)
     assert replaced["restarts"] == 1
-    assert cluster.worker_rows()[1]["restarts"] == 0
-    applied = cluster.log_lines("reload: applied now")
+    assert workers(cluster)[1]["restarts"] == 0
+    applied = log_lines(cluster, "reload: applied now")
     assert applied and "worker_timeout" in applied[-1], f"the reload did not log worker_timeout as applied: {line}"

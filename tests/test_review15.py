@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import time
 import urllib.request
@@ -31,30 +30,9 @@ import pytest
 from cgroup_support import MemoryCgroup, MiB, _make_child, memory_cgroup
 from distributor.cgroup import under_pressure
 from distributor.tools.localcluster import ManagedProcess, free_ports, wait_until
+from tls_certs import needs_openssl
 
 __all__ = ["memory_cgroup"]  # the fixture, imported for pytest
-
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and an unrelated certificate (its key does not match)."""
-    directory = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=review15-ca", cwd=directory)
-    for name in ("server", "other"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=directory)
-        (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=directory)
-    return directory
-
 
 def _distributor(tmp_path: Path, cert: Path, key: Path, workers: int, *settings: str,
                  wrap: MemoryCgroup | None = None) -> tuple[ManagedProcess, int, int]:

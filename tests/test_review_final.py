@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import time
 import urllib.request
@@ -29,27 +27,7 @@ import psutil
 import pytest
 
 from distributor.tools.localcluster import ManagedProcess, free_ports, wait_until
-
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA and a server certificate for 127.0.0.1 it signed."""
-    directory = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=review-final-ca", cwd=directory)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=server", cwd=directory)
-    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.pem", "-days", "2", "-extfile", "server.ext", cwd=directory)
-    return directory
-
+from tls_certs import needs_openssl
 
 def _distributor(tmp_path: Path, certs: Path | None, workers: int, *settings: str) -> tuple[ManagedProcess, int, int]:
     data_port, admin_port = free_ports(2)

@@ -18,14 +18,11 @@ reported, never counted as delivery). Waits poll with deadlines.
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import pytest
 import uvloop
 
 from cgroup_support import MemoryCgroup, MiB, memory_cgroup
+from cluster_helpers import fill, log_text, metric, metrics, sets, show_logs, workers
 from distributor.cgroup import CgroupMemory
 from distributor.tools.emitter import LoadSpec, LoadStats, run_load
 from distributor.tools.localcluster import AnalyzerProcess, LocalCluster, wait_until
@@ -50,35 +48,8 @@ STALL_TOLERANT: dict[str, object] = {
 }
 
 
-def sets(settings: dict[str, object]) -> list[str]:
-    flags: list[str] = []
-    for key, value in settings.items():
-        flags += ["--set", f"{key}={value}"]
-    return flags
-
-
-def workers(cluster: LocalCluster) -> list[dict[str, Any]]:
-    return list(cluster.admin("/admin/workers")["workers"])
-
-
 def slot(cluster: LocalCluster, number: int) -> dict[str, Any]:
     return next(w for w in workers(cluster) if w["slot"] == number)
-
-
-def metrics(cluster: LocalCluster) -> str:
-    with urllib.request.urlopen(cluster.admin_url + "/metrics", timeout=5) as response:
-        return str(response.read().decode())
-
-
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample (or the first sample whose name and labels start with ``name``)."""
-    line = next(line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
-    return float(line.rsplit(" ", 1)[1])
-
-
-def log_text(cluster: LocalCluster) -> str:
-    assert cluster.distributor is not None
-    return cluster.distributor.log_path.read_text(errors="replace")
 
 
 # --- load and delivery ---------------------------------------------------------------------------------------------
@@ -336,12 +307,6 @@ def test_sigstopped_worker_is_killed_reaped_and_replaced_its_wal_replayed_while_
 # --- 2. memory recycling with the write-ahead log on ---------------------------------------------------------------
 
 
-def big_packet(packet_id: str) -> bytes:
-    """One message of 20 KB: a few thousand make a worker's RSS pass the limit."""
-    return json.dumps({"emitter_id": "big", "packet_id": packet_id, "messages": [
-        {"timestamp": 1764172800123, "level": "INFO", "message": "x" * 20_000}]}).encode()
-
-
 @pytest.mark.timeout(120)
 def test_worker_above_memory_limit_with_wal_is_recycled_and_its_log_replayed_without_loss(
         make_cluster: Callable[..., LocalCluster], tmp_path: Path) -> None:
@@ -355,26 +320,11 @@ def test_worker_above_memory_limit_with_wal_is_recycled_and_its_log_replayed_wit
         "queue.max_packets": 20_000, "queue.max_bytes": 110 * MiB, "queue.worker_max_bytes": 110 * MiB}))
     fresh = workers(cluster)[0]
     assert fresh["rss_bytes"] < limit_mb * MiB / 2, "a fresh worker is too big for this limit"
-    # the supervisor takes the worker's first RSS sample (one a second) as its fresh RSS: while it is idle
-    wait_until(lambda: workers(cluster)[0]["uptime_s"] > 3, 15, "the supervisor's fresh RSS sample")
     analyzer = cluster.analyzer("a1")
     accepted: list[str] = []
     analyzer.control(stall=True)
     try:
-        sent = 0
-        while workers(cluster)[0]["state"] != "stopping":
-            assert sent < 20_000, "the worker was never recycled"
-            client = Client(cluster.data_port)
-            try:
-                for _ in range(25):
-                    packet_id = f"m-{sent}"
-                    sent += 1
-                    if client.post(big_packet(packet_id))[0] == 202:
-                        accepted.append(packet_id)
-            except (OSError, http.client.HTTPException):
-                pass  # the worker stopped accepting: it is being replaced
-            finally:
-                client.close()
+        fill(cluster.data_port, accepted, lambda: workers(cluster)[0]["state"] == "stopping", "m", limit=20_000)
         # still stalled: the old worker gives up its drain at graceful_timeout and exits, its queue in the log
         replaced = wait_until(lambda: (w := workers(cluster)[0])["pid"] not in (None, fresh["pid"])
                               and w["state"] == "ready" and w, 30, "the recycled worker's replacement")
@@ -433,12 +383,7 @@ def cgroup_cluster(memory_cgroup: MemoryCgroup, request: pytest.FixtureRequest) 
     yield factory
     for cluster in made:
         cluster.stop()
-    report_call = getattr(request.node, "rep_call", None)
-    if report_call is not None and report_call.failed:
-        for cluster in made:
-            for proc in [cluster.distributor, *cluster.analyzer_procs]:
-                if proc is not None:
-                    print(f"--- {proc.name} log ---\n{proc.log_tail(60)}")
+    show_logs(request, made)
 
 
 class MemorySampler:

@@ -18,6 +18,7 @@ import uvloop
 from distributor.tools.emitter import LoadSpec, LoadStats, run_load
 from distributor.tools.localcluster import LocalCluster, free_port, wait_until
 from distributor.shared_table import NAME_PREFIX, SHM_DIR
+from cluster_helpers import fill
 from support import Client, packet
 
 WEIGHTS = (("a1", 0.4), ("a2", 0.3), ("a3", 0.2), ("a4", 0.1))
@@ -173,12 +174,6 @@ def test_worker_above_memory_limit_is_recycled_gracefully(make_cluster: Callable
     then replaced gracefully: it flushes its queue once the analyzer is back, and everything answered 202
     arrives once, nothing lost or dropped. Its replacement, fresh again, is left alone.
     """
-    import http.client
-
-    def big_packet(packet_id: str) -> bytes:  # one message of 20 KB
-        return json.dumps({"emitter_id": "big", "packet_id": packet_id, "messages": [
-            {"timestamp": 1764172800123, "level": "INFO", "message": "x" * 20_000}]}).encode()
-
     limit_mb = 120
     cluster = make_cluster(analyzers=(("a1", 1.0),), workers=1, distributor_args=[
         "--set", f"max_worker_memory_mb={limit_mb}", "--set", "graceful_timeout=60",
@@ -189,26 +184,11 @@ def test_worker_above_memory_limit_is_recycled_gracefully(make_cluster: Callable
     ])
     fresh = workers(cluster)[0]
     assert fresh["rss_bytes"] < limit_mb * (1 << 20) / 2, "a fresh worker is too big for this limit"
-    # the supervisor takes the worker's first RSS sample (one a second) as its fresh RSS: while it is idle
-    wait_until(lambda: workers(cluster)[0]["uptime_s"] > 3, 15, "the supervisor's fresh RSS sample")
     analyzer = cluster.analyzer("a1")
     accepted: list[str] = []
     analyzer.control(stall=True)
     try:
-        sent = 0
-        while workers(cluster)[0]["state"] != "stopping":
-            assert sent < 20_000, "the worker was never recycled"
-            client = Client(cluster.data_port)
-            try:
-                for _ in range(25):
-                    packet_id = f"m-{sent}"
-                    sent += 1
-                    if client.post(big_packet(packet_id))[0] == 202:
-                        accepted.append(packet_id)
-            except (OSError, http.client.HTTPException):
-                pass  # the worker stopped accepting: it is being replaced
-            finally:
-                client.close()
+        fill(cluster.data_port, accepted, lambda: workers(cluster)[0]["state"] == "stopping", "m", limit=20_000)
     finally:
         analyzer.control(stall=False)
     replaced = wait_until(lambda: (w := workers(cluster)[0])["state"] == "ready" and w["pid"] != fresh["pid"] and w,

@@ -8,7 +8,6 @@ these tests" fail before their later fix. Settings a SIGHUP must change live in 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
@@ -21,115 +20,34 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import psutil
 import pytest
 
+from cluster_helpers import (
+    STALL_TOLERANT,
+    ConfigFileCluster,
+    fill,
+    log_text,
+    metric,
+    metrics,
+    sets,
+    sighup_and_wait,
+    workers,
+)
 from distributor.control.client import http_json
 from distributor.shared_table import NAME_PREFIX, SHM_DIR
 from distributor.tools.localcluster import LocalCluster, free_ports, wait_until
+from http_sinks import ThreadedServer
 from support import Client, packet
 
 MiB = 1 << 20
 TOKEN = "test-admin-token"
-# a stalled analyzer stays routable: its /health is not asked again for a minute and its sends wait for it
-STALL_TOLERANT: dict[str, object] = {"health.interval": 60, "health.timeout": 1, "sender.request_timeout": 120}
 # the supervisor samples every worker's RSS once a second (supervisor.MEMORY_CHECK_INTERVAL)
 MEMORY_CHECK_INTERVAL = 1.0
-
-
-# --- configuration --------------------------------------------------------------------------------------------
-
-
-def sets(settings: dict[str, object]) -> list[str]:
-    """``--set KEY=VALUE`` flags."""
-    flags: list[str] = []
-    for key, value in settings.items():
-        flags += ["--set", f"{key}={value if isinstance(value, str) else toml_value(value)}"]
-    return flags
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
-def write_toml(path: Path, settings: dict[str, object], analyzers: Sequence[tuple[str, str, float]]) -> None:
-    """Top-level keys, then ``[section]`` tables from dotted keys, then ``[[analyzers]]``."""
-    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items() if "." not in key]
-    sections: dict[str, list[str]] = {}
-    for key, value in settings.items():
-        section, dot, name = key.partition(".")
-        if dot:
-            sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
-    for section, entries in sections.items():
-        lines += [f"[{section}]", *entries]
-    for name, url, weight in analyzers:
-        lines += ["[[analyzers]]", f"name = {json.dumps(name)}", f"url = {json.dumps(url)}", f"weight = {weight!r}"]
-    path.write_text("\n".join(lines) + "\n")
-
-
-@dataclass
-class ConfigFileCluster(LocalCluster):
-    """A LocalCluster whose distributor reads every setting, listen/admin_listen/workers included, from one file."""
-
-    config_path: Path = Path("distributor.toml")
-    settings: dict[str, object] = field(default_factory=dict)
-    extra_analyzers: list[tuple[str, str, float]] = field(default_factory=list)  # not started here
-
-    def distributor_argv(self) -> list[str]:
-        return [sys.executable, "-m", "distributor", "serve", "--config", str(self.config_path), *self.distributor_args]
-
-    def write(self, changes: dict[str, object] | None = None,
-              extra_analyzers: list[tuple[str, str, float]] | None = None) -> None:
-        """Rewrite the file: the settings so far plus ``changes``; the started analyzers plus the extra ones."""
-        self.settings.update(changes or {})
-        if extra_analyzers is not None:
-            self.extra_analyzers = extra_analyzers
-        base: dict[str, object] = {"listen": f"127.0.0.1:{self.data_port}",
-                                   "admin_listen": f"127.0.0.1:{self.admin_port}", "workers": self.workers}
-        started = [(proc.name, proc.url, weight) for (_, weight), proc in zip(self.analyzers, self.analyzer_procs)]
-        write_toml(self.config_path, {**base, **self.settings}, started + self.extra_analyzers)
-
-
-def show_logs(request: pytest.FixtureRequest, clusters: Sequence[LocalCluster]) -> None:
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        for cluster in clusters:
-            for proc in [cluster.distributor, *cluster.analyzer_procs]:
-                if proc is not None:
-                    print(f"--- {proc.name} log ---\n{proc.log_tail(80)}")
-
-
-@pytest.fixture
-def file_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., ConfigFileCluster]]:
-    """Factory for started ConfigFileClusters; stopped at teardown, logs shown on failure."""
-    clusters: list[ConfigFileCluster] = []
-
-    def factory(analyzers: Sequence[tuple[str, float]] = (("a1", 1.0),), workers: int = 1,
-                settings: dict[str, object] | None = None, analyzer_args: dict[str, list[str]] | None = None,
-                extra_analyzers: list[tuple[str, str, float]] | None = None) -> ConfigFileCluster:
-        cluster = ConfigFileCluster(analyzers=analyzers, workers=workers, analyzer_args=analyzer_args or {},
-                                    start_distributor=False, analyzer_flags=False,
-                                    config_path=tmp_path / f"distributor-{len(clusters)}.toml",
-                                    settings=dict(settings or {}), extra_analyzers=list(extra_analyzers or []))
-        clusters.append(cluster)
-        cluster.start()
-        cluster.write()
-        cluster.start_distributor_process()
-        return cluster
-
-    yield factory
-    for cluster in clusters:
-        cluster.stop()
-    show_logs(request, clusters)
 
 
 # --- processes started outside LocalCluster ---------------------------------------------------------------------
@@ -229,18 +147,11 @@ class FakeAnalyzer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadedServer(Handler)
+        self.url = self.server.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture
@@ -259,36 +170,12 @@ def fake_analyzer() -> Iterator[Callable[[object], FakeAnalyzer]]:
 # --- observing a distributor ---------------------------------------------------------------------------------------
 
 
-def workers(cluster: LocalCluster) -> list[dict[str, Any]]:
-    view: list[dict[str, Any]] = cluster.admin("/admin/workers")["workers"]
-    return view
-
-
 def analyzers(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
     return {a["name"]: a for a in cluster.admin("/admin/analyzers")["analyzers"]}
 
 
 def generation(cluster: LocalCluster) -> int:
     return int(cluster.admin("/admin/analyzers")["generation"])
-
-
-def metrics(cluster: LocalCluster) -> str:
-    with urllib.request.urlopen(cluster.admin_url + "/metrics", timeout=10) as response:
-        text: str = response.read().decode()
-    return text
-
-
-def metric(text: str, series: str) -> float:
-    """The value of one series, e.g. ``distributor_worker_cpu_seconds_total{worker="0"}``."""
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no series {series} in /metrics")
-
-
-def log_text(cluster: LocalCluster) -> str:
-    assert cluster.distributor is not None
-    return cluster.distributor.log_path.read_text(errors="replace")
 
 
 def log_records(text: str) -> list[dict[str, Any]]:
@@ -305,18 +192,6 @@ def log_records(text: str) -> list[dict[str, Any]]:
 def dropped_at_shutdown(text: str) -> int:
     """Packets the workers logged as not delivered by their shutdown deadline."""
     return sum(int(r.get("packets", 0)) for r in log_records(text) if r.get("event") == "dropped_shutdown")
-
-
-def sighup_and_wait(cluster: LocalCluster, text: str, timeout: float = 15.0) -> str:
-    """SIGHUP, then wait for one more log line containing ``text``; returns that line."""
-    def lines() -> list[str]:
-        return [line for line in log_text(cluster).splitlines() if text in line]
-
-    before = len(lines())
-    assert cluster.distributor is not None
-    cluster.distributor.signal(signal.SIGHUP)
-    wait_until(lambda: len(lines()) > before, timeout, f"a log line with {text!r} after SIGHUP")
-    return lines()[before]
 
 
 def hold_for(seconds: float, predicate: Callable[[], bool], what: str) -> None:
@@ -368,31 +243,6 @@ def post_accepted(client: Client, body: bytes) -> None:
     raise AssertionError("still refused with 503 after 300 tries")
 
 
-def big_packet(packet_id: str, size: int = 20_000) -> bytes:
-    return json.dumps({"emitter_id": "big", "packet_id": packet_id,
-                       "messages": [{"timestamp": 1764172800123, "level": "INFO", "message": "x" * size}]}).encode()
-
-
-def fill(port: int, accepted: list[str], until: Callable[[], bool], prefix: str, limit: int = 40_000,
-         per_connection: int = 25) -> None:
-    """Post 20 KB packets on fresh keep-alive connections (the kernel spreads them over the workers) until
-    ``until()`` holds, checked every ``per_connection`` packets; the ids answered 202 go to ``accepted``."""
-    sent = 0
-    while not until():
-        assert sent < limit, f"gave up after {sent} packets"
-        client = Client(port)
-        try:
-            for _ in range(per_connection):
-                packet_id = f"{prefix}-{sent}"
-                sent += 1
-                if client.post(big_packet(packet_id))[0] == 202:
-                    accepted.append(packet_id)
-        except (OSError, http.client.HTTPException):
-            pass  # the worker closed the connection: it is being replaced
-        finally:
-            client.close()
-
-
 def check_delivered(cluster: LocalCluster, name: str, accepted: list[str], emitter: str = "big") -> None:
     """Everything answered 202 arrived at ``name`` once (its own key list), nothing lost or dropped."""
     analyzer = cluster.analyzer(name)
@@ -401,13 +251,6 @@ def check_delivered(cluster: LocalCluster, name: str, accepted: list[str], emitt
     assert sorted(keys) == sorted((emitter, packet_id) for packet_id in accepted)
     view = analyzers(cluster)[name]
     assert view["lost_packets"] == 0 and view["shutdown_dropped_packets"] == 0
-
-
-def wait_first_rss_sample(cluster: LocalCluster) -> None:
-    """The supervisor takes a worker's first RSS sample after it is ready as its fresh RSS: let that happen
-    while the workers are idle (they are ready well within their first second of uptime)."""
-    wait_until(lambda: all(w["uptime_s"] > 3 * MEMORY_CHECK_INTERVAL for w in workers(cluster)), 15,
-               "a fresh RSS sample of every worker")
 
 
 class Connector(threading.Thread):
@@ -479,7 +322,6 @@ def test_memory_recycling_replaces_one_worker_at_a_time_and_the_port_never_close
         "max_worker_memory_mb": limit_mb, "graceful_timeout": 60, **STALL_TOLERANT,
         "queue.max_packets": 20_000, "queue.max_bytes": 200 * MiB}))
     assert all(w["rss_bytes"] < limit_mb * MiB / 2 for w in workers(cluster)), "a fresh worker is too big here"
-    wait_first_rss_sample(cluster)
     analyzer = cluster.analyzer("a1")
     accepted: list[str] = []
     connector, watcher = Connector(cluster.data_port), WorkerWatcher(cluster)

@@ -21,30 +21,6 @@ from support import packet
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(directory: Path, name: str, extension: str) -> None:
-    """``name``.pem/.key signed by the test CA, with the given X.509 extension line."""
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-             "-subj", f"/CN={name}", cwd=directory)
-    (directory / f"{name}.ext").write_text(extension + "\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=directory)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=test-ca", cwd=directory)
-    _issue(directory, "server", "subjectAltName=IP:127.0.0.1")
-    _issue(directory, "emitter", "extendedKeyUsage=clientAuth")
-    _issue(directory, "distributor-client", "extendedKeyUsage=clientAuth")
-    return directory
-
-
 def _context(certs: Path, client: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     if client:

@@ -15,7 +15,7 @@ import asyncio
 import json
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -27,6 +27,7 @@ from distributor.delivery.queue import NO_REF, Packet, PacketQueue, QueueTotals
 from distributor.delivery.sender import AnalyzerSender
 from distributor.shared_table import COUNTER_CELLS
 from distributor.tools.localcluster import LocalCluster, wait_until
+from http_sinks import ThreadedServer
 from support import Client, packet
 
 CAP = 30.0  # seconds: the most an analyzer's Retry-After may delay a retry (sender.MAX_ANALYZER_RETRY_AFTER)
@@ -74,22 +75,15 @@ class BusyAnalyzer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadedServer(Handler)
+        self.url = self.server.url
 
     def taken(self) -> list[str]:
         with self.lock:
             return list(self.packet_ids)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
@@ -144,6 +144,24 @@ async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10
         await asyncio.sleep(0.01)
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def failed_post(analyzer: Handler, request_timeout: float) -> tuple[SendError, float]:
+    """One POST through a fresh client to a scripted analyzer that must make it fail: the error, seconds taken."""
+    server = await asyncio.start_server(analyzer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = HttpClient(1.0, request_timeout, ssl.create_default_context(), 4)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SendError) as failure:
+            await client.post(target(f"http://127.0.0.1:{port}"), "/ingest", b"", [b"{}"])
+        return failure.value, time.monotonic() - started
+    finally:
+        await client.close()
+        server.close()
+
+
 # ---- 1. the answer head is bounded
 
 
@@ -167,17 +185,9 @@ def test_an_endless_answer_head_is_refused_at_its_bound_not_kept_until_the_timeo
             writer.close()
 
     async def scenario() -> None:
-        server = await asyncio.start_server(endless, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        client = HttpClient(1.0, 20.0, ssl.create_default_context(), 4)
-        started = time.monotonic()
-        with pytest.raises(SendError) as failure:
-            await client.post(target(f"http://127.0.0.1:{port}"), "/ingest", b"", [b"{}"])
-        took = time.monotonic() - started
-        await client.close()
-        server.close()
-        assert failure.value.ambiguous, "the analyzer had the whole request"
-        assert "timed out" not in str(failure.value), (
+        error, took = await failed_post(endless, 20.0)
+        assert error.ambiguous, "the analyzer had the whole request"
+        assert "timed out" not in str(error), (
             f"an endless answer head was read for {took:.1f} s ({written >> 20} MiB) until the request timeout")
         assert took < 5.0
         assert written < 4 << 20, f"{written >> 20} MiB read before giving up"
@@ -318,18 +328,10 @@ def test_a_101_answer_and_a_status_below_100_fail_at_once_without_a_loop_error()
                 await reader.read()
                 writer.close()
 
-            server = await asyncio.start_server(script, "127.0.0.1", 0)
-            port = server.sockets[0].getsockname()[1]
-            client = HttpClient(1.0, 10.0, ssl.create_default_context(), 4)
-            started = time.monotonic()
-            with pytest.raises(SendError) as failure:
-                await client.post(target(f"http://127.0.0.1:{port}"), "/ingest", b"", [b"{}"])
-            took = time.monotonic() - started
-            await client.close()
-            server.close()
+            error, took = await failed_post(script, 10.0)
             first_line = answer.split(b"\r\n")[0].decode()
-            assert "timed out" not in str(failure.value) and took < 5.0, f"{first_line}: {failure.value} after {took:.1f} s"
-            assert failure.value.ambiguous
+            assert "timed out" not in str(error) and took < 5.0, f"{first_line}: {error} after {took:.1f} s"
+            assert error.ambiguous
         assert not loop_errors, f"the event loop reported: {loop_errors}"
 
     asyncio.run(scenario())

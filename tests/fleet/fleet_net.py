@@ -23,13 +23,13 @@ import contextlib
 import ctypes
 import os
 import secrets
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from distributor.control.client import http_json
+from distributor.tools.localcluster import ManagedProcess
 
 SUBNET = "10.77.0"
 # Every process of the fleet runs at this priority: on a machine busy with other work (a shared CI
@@ -67,36 +67,10 @@ class Host:
 
 
 @dataclass
-class Proc:
+class Proc(ManagedProcess):
     """A process started in a host's namespace (``ip netns exec`` execs it: the PID is the process's own)."""
 
-    name: str
-    host: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+    host: str = ""
 
 
 @dataclass
@@ -165,7 +139,7 @@ class Topology:
                                      env={**os.environ, **(env or {})}, cwd=cwd)
         finally:
             log.close()
-        proc = Proc(name, host, popen, log_path)
+        proc = Proc(name, list(argv), log_path, popen, host)
         self.procs.append(proc)
         return proc
 

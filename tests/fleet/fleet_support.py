@@ -155,7 +155,8 @@ class Load:
     out: Path
 
     def result(self, timeout: float = 60.0) -> dict[str, Any]:
-        code = self.proc.popen.wait(timeout)
+        assert self.proc.process is not None
+        code = self.proc.process.wait(timeout)
         assert code == 0, f"load on {self.host} exited {code}:\n{self.proc.log_tail()}"
         result: dict[str, Any] = json.loads(self.out.read_text())
         return result
@@ -214,7 +215,7 @@ class Fleet:
         while True:
             for proc in self.procs.values():
                 if not proc.alive():
-                    raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}) while waiting for {what}:\n"
+                    raise AssertionError(f"{proc.name} exited ({proc.stop()}) while waiting for {what}:\n"
                                          f"{proc.log_tail()}")
             try:
                 result = predicate()
