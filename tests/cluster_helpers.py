@@ -33,10 +33,10 @@ def toml_value(value: object) -> str:
 
 
 def sets(settings: dict[str, object]) -> list[str]:
-    """``--set KEY=VALUE`` flags."""
+    """``--set KEY=VALUE`` flags (a path or a number as written, a bool as TOML writes it)."""
     flags: list[str] = []
     for key, value in settings.items():
-        flags += ["--set", f"{key}={value if isinstance(value, str) else toml_value(value)}"]
+        flags += ["--set", f"{key}={toml_value(value) if isinstance(value, bool) else value}"]
     return flags
 
 
