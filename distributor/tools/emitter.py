@@ -233,7 +233,7 @@ class _Connection(asyncio.Protocol):
         self.retry_after: bytes | None = None
         self.body: list[bytes] | None = None  # the answer's body, kept only when asked for (batch answers)
         self.sent_at = 0.0
-        self.closed = False
+        self._closed = False
         self.timed_out = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -244,6 +244,13 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+
+    @property
+    def closed(self) -> bool:
+        """Closed by either side. The transport counts too: uvloop closes it when it reads a reset (maybe with
+        the last answer, whose waiter then wakes its task first) before ``connection_lost`` runs, and a write
+        on it raises RuntimeError instead of failing like a lost connection."""
+        return self._closed or self.transport is None or self.transport.is_closing()
 
     def request(self, data: bytes, keep_body: bool = False) -> asyncio.Future[int]:
         self.retry_after = None
@@ -276,7 +283,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(self.parser.get_status_code())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._closed = True
         if self.timed_out:
             self._fail(TimeoutError(f"no answer within {REQUEST_TIMEOUT} s"))
         else:
@@ -288,7 +295,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
 
     def close(self, abort: bool = False) -> None:
-        self.closed = True
+        self._closed = True
         if self.transport is not None:
             self.transport.abort() if abort else self.transport.close()
 

@@ -57,3 +57,61 @@ def test_emitter_survives_a_connection_reset_right_after_connect(monkeypatch: py
     finally:
         listener.close()
     assert stats.by_status == {}  # nothing was ever answered; the run ended without raising
+
+
+def test_emitter_survives_a_transport_closed_under_it_with_the_last_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same reset, later in a connection's life: the server's answer and its reset are read in one go; uvloop
+    closes the transport, the answer wakes the task before ``connection_lost`` runs, and the next request was
+    written on the closed transport (RuntimeError out of ``run_load``). Here each answer leaves the connection with
+    a transport in that state (closing, and a write raises as uvloop's does), to make that order certain."""
+    answer = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    class ClosedHandle(asyncio.Transport):
+        """What uvloop's transport is once it closed its handle on a reset, before ``connection_lost`` runs."""
+
+        def is_closing(self) -> bool:
+            return True
+
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+        def close(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    complete = emitter._Connection.on_message_complete
+
+    def complete_then_closed(self: emitter._Connection) -> None:
+        complete(self)
+        assert self.transport is not None
+        self.transport.close()
+        self.transport = ClosedHandle()
+
+    monkeypatch.setattr(emitter._Connection, "on_message_complete", complete_then_closed)
+
+    async def scenario() -> LoadStats:
+        listener = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        stats = LoadStats()
+        try:
+            await run_load(LoadSpec(url=f"http://127.0.0.1:{port}/ingest", duration=0.3, connections=2), stats)
+        finally:
+            listener.close()
+        return stats
+
+    stats = uvloop.run(scenario())
+    assert stats.by_status.get(202, 0) > 1 and stats.reconnects > 0  # answered, reconnected, never raised
