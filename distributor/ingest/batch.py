@@ -37,6 +37,7 @@ class Admitter(Protocol):
     max_messages: int
     ints: memoryview
     row: int
+    trace: RequestTrace | None  # the sampled request being handled, if any (IngestApp.trace)
 
     def admit(self, raw: bytes, packet: PacketInfo, claimed: str | None) -> Refusal | None: ...
 
@@ -45,9 +46,7 @@ class Admitter(Protocol):
 
 def handle_batch(app: Admitter, request: Request, body: bytes) -> Response | Pending:
     claimed = claimed_emitter(request.header(EMITTER_HEADER))
-    # the sampled request being handled (IngestApp.trace), if any; read, not required: an admitter without it
-    # (a test's) traces nothing
-    trace: RequestTrace | None = getattr(app, "trace", None)
+    trace = app.trace
     lines = body.split(b"\n")
     if len(lines) > app.max_batch_packets and sum(1 for line in lines if _filled(line)) > app.max_batch_packets:
         app.ints[app.row + W_REJECTED_INVALID] += 1  # one request refused whole: counted once

@@ -21,6 +21,7 @@ with instrumented("distributor"):
     from distributor.ingest.http11 import Pending, Request, Response
     from distributor.ingest.refusal import Refusal
     from distributor.shared_table import W_REJECTED_INVALID
+    from distributor.tracing import RequestTrace
 
 REFUSALS = (None, Refusal(429, "rate_limited", "over its rate limit", 2.0),
             Refusal(503, "overloaded", "queues are full", 7.5), Refusal(503, "no_capacity", "no analyzer", None))
@@ -42,6 +43,7 @@ class Admitter:
         self.max_messages = max_messages
         self.ints = memoryview(bytearray(8 * 64)).cast("q")
         self.row = 8
+        self.trace: RequestTrace | None = None
         self.admitted: list[tuple[bytes, PacketInfo]] = []
         self.refused: list[Refusal] = []
         self.answered = 0
