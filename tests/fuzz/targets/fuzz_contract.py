@@ -5,7 +5,7 @@ structure-aware packet built with atheris.FuzzedDataProvider: a valid packet who
 levels and timestamps are edited character by character from a palette of troublemakers (other
 scripts' digits, separators, signs, lower-case T and Z, control characters).
 
-Invariants, for any body: ``parse_packet`` returns a PacketInfo or raises ContractError (400 or 413),
+Invariants, for any body: the compiled scanner returns None or what the orjson path returns; ``parse_packet`` returns a PacketInfo or raises ContractError (400 or 413),
 nothing else; its decision (and the field it names) agrees with ``contract_model`` written from the
 README; an accepted packet's info is what the JSON says; a refusal renders as the 400/413 answer.
 """
@@ -19,7 +19,8 @@ from fuzzlib import instrumented, main
 import contract_model
 
 with instrumented("distributor"):
-    from distributor.ingest.contract import PRIORITIES, ContractError, parse_packet
+    from distributor.ingest import contract
+    from distributor.ingest.contract import PRIORITIES, ContractError, PacketInfo, parse_packet, parse_packet_python
     from distributor.ingest.refusal import invalid
 
 LIMITS = (10_000, 3)  # the default max_messages_per_packet, and a small one so 413 is reachable
@@ -73,6 +74,9 @@ def check(data: bytes) -> None:
 
 def check_one(data: bytes, max_messages: int) -> None:
     expected = contract_model.verdict(data, max_messages)
+    fast = contract._scan(data, max_messages, PacketInfo) if contract._scan is not None else None
+    if fast is not None:  # the compiled scanner only ever agrees with the orjson path, or defers to it
+        assert fast == parse_packet_python(data, max_messages), f"scanner {fast}"
     try:
         info = parse_packet(data, max_messages)
     except ContractError as exc:

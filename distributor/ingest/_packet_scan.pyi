@@ -1,0 +1,7 @@
+"""Types of the compiled fast path (_packet_scan.c)."""
+
+from typing import TypeVar
+
+_T = TypeVar("_T", bound=tuple[str, str, int, str])
+
+def scan(body: bytes | bytearray | memoryview, max_messages: int, result_type: type[_T], /) -> _T | None: ...
