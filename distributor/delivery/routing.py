@@ -36,22 +36,26 @@ from distributor.shared_table import C_NET_ROUTED_MESSAGES, H_GENERATION, Analyz
 NO_ANALYZER = -1
 
 
-def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_room: Callable[[int], bool]) -> int:
-    """Index of the analyzer that should take ``messages``; NO_ANALYZER if none has room.
+def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_room: Callable[[int], bool],
+         slots: Sequence[int] | None = None) -> int:
+    """The analyzer that should take ``messages``; NO_ANALYZER if none has room.
 
     ``weights`` must be normalised (sum 1) over the candidates. The best score wins (the first
-    of equals); only when it has no room are the others asked, best first.
+    of equals); only when it has no room are the others asked, best first. Analyzers are named
+    by ``slots`` (parallel to ``routed`` and ``weights``; by default their indexes), both to
+    ``has_room`` and in the result: the router passes its slots, so no wrapper runs per packet.
     """
     total = sum(routed) + messages
     scores = [weight * total - value for weight, value in zip(weights, routed)]
     if not scores:
         return NO_ANALYZER
+    names = range(len(scores)) if slots is None else slots
     best = scores.index(max(scores))
-    if has_room(best):
-        return best
+    if has_room(names[best]):
+        return names[best]
     for index in sorted(range(len(scores)), key=scores.__getitem__, reverse=True):
-        if index != best and has_room(index):
-            return index
+        if index != best and has_room(names[index]):
+            return names[index]
     return NO_ANALYZER
 
 
@@ -114,11 +118,7 @@ class Router:
         if ints[H_GENERATION] != self.generation or time.monotonic() >= self._next_refresh:
             self.refresh()
         routed = [o + ints[i] - b for o, i, b in zip(self._others, self._own, self._base)]
-        slots = self.slots
-        if not slots:
-            return NO_ANALYZER
-        index = pick(routed, self._weights, messages, lambda i: has_room(slots[i]))
-        return NO_ANALYZER if index == NO_ANALYZER else slots[index]
+        return pick(routed, self._weights, messages, has_room, self.slots)
 
     def weights(self) -> dict[int, float]:
         """Normalised weight per eligible analyzer slot (the target split)."""
