@@ -36,6 +36,11 @@ from distributor.shared_table import C_NET_ROUTED_MESSAGES, H_GENERATION, Analyz
 NO_ANALYZER = -1
 
 
+def _scores(routed: Sequence[int], weights: Sequence[float], messages: int) -> list[float]:
+    total = sum(routed) + messages
+    return [weight * total - value for weight, value in zip(weights, routed)]
+
+
 def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_room: Callable[[int], bool],
          slots: Sequence[int] | None = None) -> int:
     """The analyzer that should take ``messages``; NO_ANALYZER if none has room.
@@ -43,10 +48,9 @@ def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_roo
     ``weights`` must be normalised (sum 1) over the candidates. The best score wins (the first
     of equals); only when it has no room are the others asked, best first. Analyzers are named
     by ``slots`` (parallel to ``routed`` and ``weights``; by default their indexes), both to
-    ``has_room`` and in the result: the router passes its slots, so no wrapper runs per packet.
+    ``has_room`` and in the result.
     """
-    total = sum(routed) + messages
-    scores = [weight * total - value for weight, value in zip(weights, routed)]
+    scores = _scores(routed, weights, messages)
     if not scores:
         return NO_ANALYZER
     names = range(len(scores)) if slots is None else slots
@@ -57,6 +61,24 @@ def pick(routed: Sequence[int], weights: Sequence[float], messages: int, has_roo
         if index != best and has_room(names[index]):
             return names[index]
     return NO_ANALYZER
+
+
+def best_index(counters: Sequence[int], cells: list[int], offsets: list[int], weights: list[float],
+               messages: int) -> int:
+    """The index ``pick`` prefers, with analyzer i's routed total ``counters[cells[i]] + offsets[i]``.
+
+    The reference for the compiled ``_weighted_pick.best`` (the same index, computed the same way),
+    which ``Router.choose`` runs for every packet.
+    """
+    scores = _scores([counters[cell] + offset for cell, offset in zip(cells, offsets)], weights, messages)
+    return scores.index(max(scores)) if scores else NO_ANALYZER
+
+
+_best: Callable[[Sequence[int], list[int], list[int], list[float], int], int]
+try:  # compiled (setup.py); without it the reference runs
+    from distributor.delivery._weighted_pick import best as _best
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    _best = best_index
 
 
 class Router:
@@ -87,8 +109,8 @@ class Router:
         self.slots: list[int] = []
         self._weights: list[float] = []
         self._base: list[int] = []
-        self._own: list[int] = []
-        self._others: list[int] = []
+        self._own: list[int] = []  # this worker's net routed cell per analyzer (exact, read per packet)
+        self._offsets: list[int] = []  # the other workers' totals minus the epoch's base (refreshed)
 
     def set_analyzers(self, generation: int, rows: Sequence[AnalyzerRow]) -> None:
         """Adopt a new analyzer set / epoch (from SharedTable.read_analyzers)."""
@@ -106,7 +128,7 @@ class Router:
         if self._table.generation != self.generation:
             self._on_new_generation()
         totals = self._table.global_counters(C_NET_ROUTED_MESSAGES, exclude_worker=self._worker)
-        self._others = [totals[slot] for slot in self.slots]
+        self._offsets = [totals[slot] - base for slot, base in zip(self.slots, self._base)]
         self._next_refresh = time.monotonic() + self._refresh_interval
 
     def choose(self, messages: int, has_room: Callable[[int], bool]) -> int:
@@ -117,7 +139,13 @@ class Router:
         ints = self._ints
         if ints[H_GENERATION] != self.generation or time.monotonic() >= self._next_refresh:
             self.refresh()
-        routed = [o + ints[i] - b for o, i, b in zip(self._others, self._own, self._base)]
+        index = _best(ints, self._own, self._offsets, self._weights, messages)
+        if index == NO_ANALYZER:
+            return NO_ANALYZER
+        slot = self.slots[index]
+        if has_room(slot):
+            return slot
+        routed = [ints[cell] + offset for cell, offset in zip(self._own, self._offsets)]  # spill-over: rare
         return pick(routed, self._weights, messages, has_room, self.slots)
 
     def weights(self) -> dict[int, float]:
