@@ -75,18 +75,6 @@ static inline int utf8_sequence(const unsigned char *p, const unsigned char *end
     return 0;
 }
 
-#define ONES 0x0101010101010101ULL
-#define HIGHS 0x8080808080808080ULL
-
-/* Eight bytes at once: none is a quote, a backslash, a control character or non-ASCII. */
-static inline int plain_ascii8(const unsigned char *p) {
-    uint64_t x;
-    memcpy(&x, p, 8);
-    uint64_t quote = x ^ (ONES * '"'), backslash = x ^ (ONES * '\\');
-    uint64_t special = ((quote - ONES) & ~quote) | ((backslash - ONES) & ~backslash) | (x - ONES * 0x20) | x;
-    return (special & HIGHS) == 0;
-}
-
 /* c->p at the opening quote. Fills s; returns 0, or -1 (invalid, or an escaped surrogate). */
 static int scan_string(Cursor *c, Str *s) {
     const unsigned char *p = c->p + 1, *end = c->end;
@@ -94,11 +82,6 @@ static int scan_string(Cursor *c, Str *s) {
     int plain = 1;
     s->start = p;
     while (p < end) {
-        if (end - p >= 8 && plain_ascii8(p)) {  /* the usual run of printable ASCII */
-            p += 8;
-            chars += 8;
-            continue;
-        }
         unsigned char ch = *p;
         if (ch == '"') {
             s->size = p - s->start;
@@ -401,31 +384,46 @@ static int scan_packet(Cursor *c, Py_ssize_t max_messages, PyObject **emitter, P
 
 PyDoc_STRVAR(scan_doc,
 "scan(body, max_messages, result_type) -> result_type(emitter_id, packet_id, messages, priority) | None\n\n"
-"The packet's routing fields when it is valid and of the usual shape; None: ask the Python path.");
+"The packet's routing fields when it is valid and of the usual shape; None: ask the Python path\n"
+"(also for a body that is not exactly bytes, or a max_messages that is not an int).\n"
+"result_type: a tuple type that tuple.__new__ may build (a NamedTuple); anything else is a TypeError.");
+
+static PyObject *validated_type;  /* the last result_type that tuple.__new__ accepted */
+
+/* tuple.__new__'s own check, once per type: tuple or a subclass whose instances tuple's constructor
+ * may build (a NamedTuple); not e.g. a struct sequence (os.stat_result), whose layout differs. */
+static int check_result_type(PyObject *type) {
+    if (type == validated_type) return 0;
+    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "result_type must be a tuple type");
+        return -1;
+    }
+    PyObject *empty = PyObject_CallMethod((PyObject *)&PyTuple_Type, "__new__", "O", type);
+    if (empty == NULL) return -1;  /* TypeError: "tuple.__new__(X) is not safe" */
+    Py_DECREF(empty);
+    Py_XSETREF(validated_type, Py_NewRef(type));
+    return 0;
+}
 
 static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "scan() takes body, max_messages and result_type");
         return NULL;
     }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    Py_ssize_t max_messages = PyLong_AsSsize_t(args[1]);
-    if (max_messages == -1 && PyErr_Occurred()) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     PyObject *type = args[2];
-    if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type)) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_TypeError, "result_type must be a tuple type");
-        return NULL;
-    }
-    Cursor c = {(const unsigned char *)view.buf, (const unsigned char *)view.buf + view.len};
+    if (check_result_type(type) < 0) return NULL;
+    /* exactly what orjson reads as the reference does and nothing else: other types are its call */
+    if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1])) Py_RETURN_NONE;
+    int overflow;
+    long long limit = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    if (overflow < 0) Py_RETURN_NONE;  /* every count is above it: a 413, named by the reference */
+    Py_ssize_t max_messages = (overflow > 0 || limit > PY_SSIZE_T_MAX) ? PY_SSIZE_T_MAX : (Py_ssize_t)limit;
+    const unsigned char *start = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Cursor c = {start, start + PyBytes_GET_SIZE(args[0])};
     PyObject *emitter = NULL, *packet = NULL, *prio = NULL, *result = NULL;
     Py_ssize_t count = -1;
     int failed = scan_packet(&c, max_messages, &emitter, &packet, &count, &prio);
-    PyBuffer_Release(&view);
     if (PyErr_Occurred()) goto done;  /* an allocation failed */
     if (failed) {
         result = Py_NewRef(Py_None);

@@ -7,6 +7,7 @@ accepts the packet). The usual packets must take the fast path (else it saves no
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import orjson
@@ -20,15 +21,20 @@ from distributor.ingest.contract import ContractError, PacketInfo, parse_packet,
 MAX = 10_000
 
 
-def fast(body: bytes | bytearray | memoryview, max_messages: int = MAX) -> PacketInfo | None:
+def fast(body: bytes, max_messages: int = MAX) -> PacketInfo | None:
     assert contract._scan is not None
-    result = contract._scan(body, max_messages, PacketInfo)  # type: ignore[arg-type]  # any buffer
+    result = contract._scan(body, max_messages, PacketInfo)
     return result
 
 
 def reference(body: bytes, max_messages: int = MAX) -> PacketInfo | tuple[int, str]:
+    return outcome(parse_packet_python, body, max_messages)
+
+
+def outcome(parse: Any, body: object, max_messages: object) -> PacketInfo | tuple[int, str]:
     try:
-        return parse_packet_python(body, max_messages)
+        result: PacketInfo = parse(body, max_messages)
+        return result
     except ContractError as exc:
         return exc.status, exc.field
 
@@ -151,14 +157,20 @@ def test_deep_metadata_within_the_limit_stays_fast() -> None:
     assert agrees(orjson.dumps(packet(messages=[message(0, metadata=shallow)]))) is not None
 
 
-def test_the_scanner_takes_any_buffer_and_checks_its_arguments() -> None:
+def test_the_scanner_reads_exact_bytes_and_leaves_the_rest_to_the_reference() -> None:
+    """orjson takes bytes, bytearray, memoryview and str, and no subclass: only exact bytes are scanned."""
     body = orjson.dumps(packet())
-    assert fast(bytearray(body)) == fast(memoryview(body)) == fast(body) is not None
+    assert fast(body) is not None
+    for other in (bytearray(body), memoryview(body), body.decode(), type("Sub", (bytes,), {})(body)):
+        assert fast(other) is None  # type: ignore[arg-type]
+        assert outcome(parse_packet, other, MAX) == outcome(parse_packet_python, other, MAX)
+    for limit in (2**63, 2**80, -(2**70), 10.0, True, 0):  # any int (clamped), or the reference decides
+        assert outcome(parse_packet, body, limit) == outcome(parse_packet_python, body, limit)
     scan: Any = contract._scan  # called with wrong arguments on purpose
     with pytest.raises(TypeError):
-        scan("text", MAX, PacketInfo)
-    with pytest.raises(TypeError):
         scan(body, MAX, dict)
+    with pytest.raises(TypeError):
+        scan(body, MAX, os.stat_result)  # a struct sequence: not a 4-tuple's layout
     with pytest.raises(TypeError):
         scan(body, MAX)
 
