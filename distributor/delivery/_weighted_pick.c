@@ -15,7 +15,8 @@ PyDoc_STRVAR(best_doc,
 "best(counters, cells, offsets, weights, messages) -> int\n\n"
 "Index i maximising weights[i] * (T + messages) - R[i] (the first of equals), where\n"
 "R[i] = counters[cells[i]] + offsets[i] and T = sum(R); -1 when there is no candidate.\n"
-"counters: an int64 buffer (the shared table); cells, offsets: lists of int; weights: a list of float.");
+"counters: an int64 buffer (the shared table); cells, offsets: lists of int; weights: a list of float\n"
+"(exactly those types: anything else is a TypeError).");
 
 static PyObject *best(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
@@ -32,8 +33,20 @@ static PyObject *best(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "cells, offsets and weights must have the same length");
         return NULL;
     }
+    /* exact ints and floats only: their conversion runs no Python code that could change the lists */
+    if (!PyLong_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "messages must be an int");
+        return NULL;
+    }
     long long messages = PyLong_AsLongLong(args[4]);
     if (messages == -1 && PyErr_Occurred()) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyLong_CheckExact(PyList_GET_ITEM(cells, i)) || !PyLong_CheckExact(PyList_GET_ITEM(offsets, i))
+                || !PyFloat_CheckExact(PyList_GET_ITEM(weights, i))) {
+            PyErr_SetString(PyExc_TypeError, "cells and offsets must hold ints, weights floats");
+            return NULL;
+        }
+    }
     if (n == 0) return PyLong_FromLong(-1);
     if (n > 1024) {
         PyErr_SetString(PyExc_ValueError, "at most 1024 candidates");
@@ -78,8 +91,7 @@ static PyObject *best(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t top = 0;
     double top_score = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        double weight = PyFloat_AsDouble(PyList_GET_ITEM(weights, i));
-        if (weight == -1.0 && PyErr_Occurred()) return NULL;
+        double weight = PyFloat_AS_DOUBLE(PyList_GET_ITEM(weights, i));
         double score = weight * total - routed[i];
         if (i == 0 || score > top_score) {
             top = i;
