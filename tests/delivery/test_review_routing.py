@@ -36,6 +36,7 @@ def run_child(body: str) -> subprocess.CompletedProcess[str]:
 def assert_no_crash(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode >= 0, (
         f"best() crashed the interpreter with signal {-result.returncode}; stderr: {result.stderr[-400:]}")
+    assert result.returncode == 0 and result.stdout.strip(), f"the child failed: {result.stderr[-400:]}"
 
 
 def test_best_does_not_crash_when_a_weights_float_conversion_empties_the_list() -> None:
