@@ -60,6 +60,14 @@ def file_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
     show_logs(request, clusters, 80)
 
 
+@pytest.fixture(scope="module")
+def quick_span_export() -> Iterator[None]:
+    """The BatchSpanProcessor's standard variable: distributors started meanwhile export spans every 100 ms, not 5 s."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        yield
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The TLS tests' certificates (tls_certs.ISSUED), made once per run; skips without the openssl command."""

@@ -3,12 +3,14 @@
 ``RecordingServer`` stands in where the test must see whole requests: as an analyzer slot of a
 LocalCluster (the forwarded packet bytes and headers, e.g. ``traceparent``), and as the OTLP/HTTP
 collector that receives the distributor's spans (``POST /v1/traces``, decoded with opentelemetry-proto).
-``ThreadedServer`` runs a scripted ``BaseHTTPRequestHandler`` (a fake analyzer's answers).
+``ThreadedServer`` runs a scripted ``BaseHTTPRequestHandler`` (a fake analyzer's answers); ``RawServer`` is
+the base of servers written on raw sockets (answers no HTTP library would send, or none at all).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +46,35 @@ class ThreadedServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RawServer:
+    """A listening socket on 127.0.0.1: each accepted connection goes to ``serve(conn, number)`` (numbered from 1)
+    in a thread of its own, until ``close``. A subclass sets its own state before calling ``__init__``: the
+    accept loop starts there."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def serve(self, conn: socket.socket, number: int) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self.serve, args=(conn, len(self.connections)), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
 
 
 class RecordingServer:

@@ -7,7 +7,6 @@ with opentelemetry-proto, and the analyzer requests show the ``traceparent`` the
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Iterator
 
@@ -29,16 +28,7 @@ OTLP_JSON = json.dumps({"resourceLogs": [{
                                    "body": {"stringValue": "hello"}}]}]}]}).encode()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_span_export() -> Iterator[None]:
-    """The BatchSpanProcessor's standard variable: export every 100 ms instead of 5 s."""
-    before = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
-    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"
-    yield
-    if before is None:
-        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
-    else:
-        os.environ["OTEL_BSP_SCHEDULE_DELAY"] = before
+pytestmark = pytest.mark.usefixtures("quick_span_export")  # conftest: spans every 100 ms
 
 
 def traced_cluster(collector: RecordingServer, sink: RecordingServer, ratio: float) -> LocalCluster:
@@ -55,7 +45,7 @@ def servers() -> Iterator[tuple[RecordingServer, RecordingServer]]:
 
 
 @pytest.fixture(scope="module")
-def cluster(servers: tuple[RecordingServer, RecordingServer]) -> Iterator[LocalCluster]:
+def cluster(servers: tuple[RecordingServer, RecordingServer], quick_span_export: None) -> Iterator[LocalCluster]:
     with traced_cluster(*servers, ratio=1.0) as cluster:
         yield cluster
 

@@ -33,6 +33,7 @@ from distributor.delivery.queue import NO_REF, Packet, PacketQueue, QueueTotals
 from distributor.delivery.sender import AnalyzerSender
 from distributor.shared_table import C_DELIVERED_PACKETS, C_FAILED_ATTEMPTS, COUNTER_CELLS
 from distributor.tools.localcluster import LocalCluster, wait_until
+from http_sinks import RawServer
 from support import Client, packet
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"accepted": 1}'
@@ -41,7 +42,7 @@ OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r
 Policy = Callable[[int, int, bytes, bytes], "bytes | None"]
 
 
-class RawAnalyzer:
+class RawAnalyzer(RawServer):
     """An analyzer written on raw sockets, one thread per connection: ``GET`` answers 200 ``{}`` (health checks);
     a ``POST`` is answered as ``policy`` says and its packet ids recorded when that is a 2xx; ``close_after`` POSTs on one
     connection, it closes it without saying so (no ``Connection: close``)."""
@@ -52,33 +53,13 @@ class RawAnalyzer:
         self.lock = threading.Lock()
         self.packet_ids: list[str] = []
         self.posts = 0
-        self.connections = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     def taken(self) -> list[str]:
         with self.lock:
             return list(self.packet_ids)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-                number = self.connections
-            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, number: int) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         buffer = b""
         posts = 0
         try:
@@ -118,9 +99,6 @@ class RawAnalyzer:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -275,7 +253,7 @@ def test_the_stale_connection_retry_is_once_and_only_for_a_reused_connection_wit
 
     asyncio.run(scenario())
     assert analyzer.taken() == ["a"]
-    assert (analyzer.posts, analyzer.connections) == (3, 3)
+    assert (analyzer.posts, len(analyzer.connections)) == (3, 3)
 
 
 @pytest.mark.timeout(90)

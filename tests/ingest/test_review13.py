@@ -23,12 +23,10 @@ before its fix:
 from __future__ import annotations
 
 import gzip
-import os
 import signal
 import socket
 import threading
-import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from backports import zstd
@@ -40,7 +38,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from distributor.ingest import encoding
 from distributor.tools.localcluster import LocalCluster, wait_until
-from http_sinks import RecordingServer, attributes
+from http_sinks import RawServer, RecordingServer, attributes
 from support import Client, packet
 
 
@@ -169,17 +167,6 @@ def test_repeated_content_encoding_lines_are_one_list_and_get_415(make_cluster: 
     assert answer.startswith(b"HTTP/1.1 415 ") and b"gzip, gzip" in answer, answer
 
 
-@pytest.fixture
-def quick_span_export() -> Iterator[None]:
-    before = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
-    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"
-    yield
-    if before is None:
-        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
-    else:
-        os.environ["OTEL_BSP_SCHEDULE_DELAY"] = before
-
-
 def test_a_refused_line_of_a_sampled_batch_has_an_admit_span_with_its_outcome(
         make_cluster: Callable[..., LocalCluster], quick_span_export: None) -> None:
     with RecordingServer() as collector, RecordingServer() as sink:
@@ -221,36 +208,19 @@ def test_malformed_trace_headers_do_not_write_a_log_line_per_request(
         assert not quoted, f"{len(quoted)} log lines for 100 requests, e.g. {quoted[0][:200]}"
 
 
-class _SilentCollector:
+class _SilentCollector(RawServer):
     """Accepts connections and reads requests, never answers (a collector that hangs)."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.received = threading.Event()
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         try:
             while conn.recv(65536):
                 self.received.set()
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
 
 def test_a_worker_stops_in_time_when_the_collector_never_answers(make_cluster: Callable[..., LocalCluster],
