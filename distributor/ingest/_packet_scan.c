@@ -168,6 +168,30 @@ static int scan_number(Cursor *c, int *integer, long long *value) {
 
 static int scan_value(Cursor *c, int depth);
 
+/* A member's key and its ':', c->p at the key's quote; c->p at the value afterwards. */
+static int member_key(Cursor *c, Str *key) {
+    if (c->p >= c->end || *c->p != '"' || scan_string(c, key)) return -1;
+    skip_ws(c);
+    if (c->p >= c->end || *c->p != ':') return -1;
+    c->p++;
+    skip_ws(c);
+    return 0;
+}
+
+/* After a member or an element: 1 when another follows (c->p at it), 0 at ``close`` (read), -1 otherwise. */
+static int next_item(Cursor *c, unsigned char close) {
+    skip_ws(c);
+    if (c->p >= c->end) return -1;
+    if (*c->p == ',') {
+        c->p++;
+        skip_ws(c);
+        return 1;
+    }
+    if (*c->p != close) return -1;
+    c->p++;
+    return 0;
+}
+
 /* c->p just after '{' or '['; any members, any values. */
 static int scan_container(Cursor *c, int depth, unsigned char close) {
     if (depth > MAX_DEPTH) return -1;
@@ -176,27 +200,14 @@ static int scan_container(Cursor *c, int depth, unsigned char close) {
         c->p++;
         return 0;
     }
-    for (;;) {
-        if (close == '}') {
-            Str key;
-            if (c->p >= c->end || *c->p != '"' || scan_string(c, &key)) return -1;
-            skip_ws(c);
-            if (c->p >= c->end || *c->p != ':') return -1;
-            c->p++;
-            skip_ws(c);
-        }
+    int more = 1;
+    while (more > 0) {
+        Str key;
+        if (close == '}' && member_key(c, &key)) return -1;
         if (scan_value(c, depth)) return -1;
-        skip_ws(c);
-        if (c->p >= c->end) return -1;
-        if (*c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (*c->p != close) return -1;
-        c->p++;
-        return 0;
+        more = next_item(c, close);
     }
+    return more;
 }
 
 static int expect_literal(Cursor *c, const char *word, Py_ssize_t n) {
@@ -237,11 +248,6 @@ static inline int key_is(const Str *key, const char *name, Py_ssize_t n) {
     return key->plain && key->size == n && memcmp(key->start, name, n) == 0;
 }
 
-/* Escaped keys may spell a field's name: the Python path decodes them. */
-static inline int key_escaped(const Str *key) {
-    return !key->plain;
-}
-
 enum { M_TIMESTAMP = 1, M_LEVEL = 2, M_MESSAGE = 4, M_METADATA = 8 };
 
 /* One message object, c->p just after its '{': the usual message or -1. */
@@ -249,14 +255,10 @@ static int scan_message(Cursor *c) {
     int seen = 0;
     skip_ws(c);
     if (c->p < c->end && *c->p == '}') return -1;  /* empty: the Python path names the missing field */
-    for (;;) {
+    int more = 1;
+    while (more > 0) {
         Str key;
-        if (c->p >= c->end || *c->p != '"' || scan_string(c, &key) || key_escaped(&key)) return -1;
-        skip_ws(c);
-        if (c->p >= c->end || *c->p != ':') return -1;
-        c->p++;
-        skip_ws(c);
-        if (c->p >= c->end) return -1;
+        if (member_key(c, &key) || !key.plain || c->p >= c->end) return -1;  /* escaped: the Python path */
         int field = 0;
         if (key_is(&key, "timestamp", 9)) field = M_TIMESTAMP;
         else if (key_is(&key, "level", 5)) field = M_LEVEL;
@@ -283,17 +285,10 @@ static int scan_message(Cursor *c) {
         } else if (scan_value(c, 3)) {
             return -1;
         }
-        skip_ws(c);
-        if (c->p >= c->end) return -1;
-        if (*c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (*c->p != '}') return -1;
-        c->p++;
-        return (seen & (M_TIMESTAMP | M_LEVEL | M_MESSAGE)) == (M_TIMESTAMP | M_LEVEL | M_MESSAGE) ? 0 : -1;
+        more = next_item(c, '}');
     }
+    if (more < 0) return -1;
+    return (seen & (M_TIMESTAMP | M_LEVEL | M_MESSAGE)) == (M_TIMESTAMP | M_LEVEL | M_MESSAGE) ? 0 : -1;
 }
 
 /* The messages array, c->p just after '['; returns the count, or -1. */
@@ -301,22 +296,15 @@ static Py_ssize_t scan_messages(Cursor *c, Py_ssize_t max_messages) {
     Py_ssize_t count = 0;
     skip_ws(c);
     if (c->p < c->end && *c->p == ']') return -1;  /* empty: an error, named by the Python path */
-    for (;;) {
+    int more = 1;
+    while (more > 0) {
         if (c->p >= c->end || *c->p != '{') return -1;
         c->p++;
         if (scan_message(c)) return -1;
         if (++count > max_messages) return -1;  /* 413: the Python path */
-        skip_ws(c);
-        if (c->p >= c->end) return -1;
-        if (*c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (*c->p != ']') return -1;
-        c->p++;
-        return count;
+        more = next_item(c, ']');
     }
+    return more < 0 ? -1 : count;
 }
 
 /* An emitter_id or packet_id: a plain, non-empty string of at most MAX_ID_LENGTH code points. */
@@ -347,13 +335,10 @@ static int scan_packet(Cursor *c, Py_ssize_t max_messages, PyObject **emitter, P
     skip_ws(c);
     if (c->p < c->end && *c->p == '}') return -1;
     *count = -1;
-    for (;;) {
+    int more = 1;
+    while (more > 0) {
         Str key;
-        if (c->p >= c->end || *c->p != '"' || scan_string(c, &key) || key_escaped(&key)) return -1;
-        skip_ws(c);
-        if (c->p >= c->end || *c->p != ':') return -1;
-        c->p++;
-        skip_ws(c);
+        if (member_key(c, &key) || !key.plain) return -1;  /* escaped keys may spell a field: the Python path */
         if (key_is(&key, "emitter_id", 10)) {
             if (*emitter || !(*emitter = identifier(c))) return -1;
         } else if (key_is(&key, "packet_id", 9)) {
@@ -367,19 +352,12 @@ static int scan_packet(Cursor *c, Py_ssize_t max_messages, PyObject **emitter, P
         } else if (scan_value(c, 1)) {
             return -1;
         }
-        skip_ws(c);
-        if (c->p >= c->end) return -1;
-        if (*c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (*c->p != '}') return -1;
-        c->p++;
-        skip_ws(c);
-        if (c->p != c->end) return -1;  /* content after the document */
-        return (*emitter && *packet && *count >= 0) ? 0 : -1;
+        more = next_item(c, '}');
     }
+    if (more < 0) return -1;
+    skip_ws(c);
+    if (c->p != c->end) return -1;  /* content after the document */
+    return (*emitter && *packet && *count >= 0) ? 0 : -1;
 }
 
 PyDoc_STRVAR(scan_doc,
