@@ -22,6 +22,7 @@ from typing import Sequence
 import psutil
 
 from distributor.tools.localcluster import free_port, wait_until
+from loadtest.generators import wrk_available
 
 INSTALL_HINT = "apt-get install -y nginx-light wrk"
 PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
@@ -59,6 +60,14 @@ def ensure_installed(tools: Sequence[str], allow_install: bool = True) -> list[s
 
 def nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+
+
+def closed_loop_missing() -> str | None:
+    """Why a scenario that needs wrk (closed loop) and nginx (free analyzers) cannot run here; None when it can."""
+    missing = [tool for tool, found in (("wrk", wrk_available()), ("nginx", nginx_binary() is not None)) if not found]
+    if not missing:
+        return None
+    return f"needs {' and '.join(missing)} (wrk closed loop, free nginx analyzers): {INSTALL_HINT}"
 
 
 def nginx_version() -> str | None:

@@ -31,7 +31,7 @@ from loadtest.bench.runner import Bench
 from loadtest.bench.wal import wal_scenario
 from loadtest.cpu import loadavg
 from loadtest.free_sinks import NginxSinks
-from loadtest.nginx_baseline import INSTALL_HINT, ensure_installed, nginx_binary
+from loadtest.nginx_baseline import INSTALL_HINT, closed_loop_missing, ensure_installed
 
 Section = Callable[[argparse.Namespace, list[dict[str, Any]]], dict[str, Any]]
 def soak_scenario(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,9 +174,10 @@ def shared_cluster_scenarios(args: argparse.Namespace, chosen: set[str], report:
     """throughput, latency, stress and the baseline rounds on the cluster of ``--sinks``; stress-cpu on free
     analyzers (that cluster when ``--sinks nginx``, else a second one)."""
     wants_stress_cpu = "stress-cpu" in chosen
-    stress_cpu_ready = generators.wrk_available() and nginx_binary() is not None
-    if wants_stress_cpu and not stress_cpu_ready:
-        report["stress_cpu"] = {"skipped": f"needs wrk and nginx (free analyzers): {INSTALL_HINT}"}
+    missing = closed_loop_missing()
+    stress_cpu_ready = missing is None
+    if wants_stress_cpu and missing:
+        report["stress_cpu"] = {"skipped": missing}
     main_cluster = (bool({"throughput", "latency", "stress"} & chosen) or args.baseline != "none"
                     or (wants_stress_cpu and stress_cpu_ready and args.sinks == "nginx"))
     if main_cluster:

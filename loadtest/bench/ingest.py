@@ -42,7 +42,7 @@ from loadtest.bench.services import TlsCluster, TraceReceiver, local_https, make
 from loadtest.cpu import per_answer_us
 from loadtest.free_sinks import NginxSinks
 from loadtest.generators import RunResult, WrkPool, run_wrk
-from loadtest.nginx_baseline import INSTALL_HINT, nginx_binary
+from loadtest.nginx_baseline import closed_loop_missing
 
 
 @dataclass(frozen=True)
@@ -195,10 +195,9 @@ class IngestBench:
 
 def ingest_scenario(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every selected variant, ``--rounds`` times alternating; the summary of report["ingest"]."""
-    missing = [tool for tool, found in (("wrk", generators.wrk_available()), ("nginx", nginx_binary() is not None))
-               if not found]
+    missing = closed_loop_missing()
     if missing:
-        return {"skipped": f"needs {' and '.join(missing)} (wrk closed loop, free nginx sinks): {INSTALL_HINT}"}
+        return {"skipped": missing}
     selected = [v for v in VARIANTS if v.name in args.ingest_variants]
     skipped: dict[str, str] = {}
     print(f"[ingest] {', '.join(v.name for v in selected)}: {args.rounds} rounds, wrk, free analyzers",

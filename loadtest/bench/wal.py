@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from distributor.tools.localcluster import LocalCluster
-from loadtest import generators
 from loadtest.bench.cluster import WEIGHTS
 from loadtest.bench.runner import Bench
 from loadtest.free_sinks import NginxSinks
 from loadtest.generators import RunResult
-from loadtest.nginx_baseline import INSTALL_HINT, NginxProxy, nginx_binary
+from loadtest.nginx_baseline import NginxProxy, closed_loop_missing
 
 MODES = ("off", "none", "interval", "always")
 TARGETS = {"interval": 0.85, "always": 0.5}  # of the throughput without the log
@@ -127,10 +126,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def wal_scenario(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every mode and nginx, ``--rounds`` times alternating; the summary of report["wal"]."""
-    missing = [tool for tool, found in (("wrk", generators.wrk_available()), ("nginx", nginx_binary() is not None))
-               if not found]
+    missing = closed_loop_missing()
     if missing:
-        return {"skipped": f"needs {' and '.join(missing)} (wrk closed loop, free nginx sinks): {INSTALL_HINT}"}
+        return {"skipped": missing}
     print(f"[wal] off, none, interval, always and nginx: {args.rounds} rounds, wrk, free analyzers",
           file=sys.stderr, flush=True)
     records: list[dict[str, Any]] = []
