@@ -157,6 +157,23 @@ def test_deep_metadata_within_the_limit_stays_fast() -> None:
     assert agrees(orjson.dumps(packet(messages=[message(0, metadata=shallow)]))) is not None
 
 
+def test_the_scanners_own_limits_hold_at_their_edges() -> None:
+    """Past its limits the scanner defers (the reference then accepts): nesting 64 (the packet is 1, messages 2,
+    a message 3, its metadata 4), numbers of 40 characters, exponents of 2 digits."""
+    def nested(levels: int) -> dict[str, object]:
+        value: dict[str, object] = {}
+        for _ in range(levels - 1):
+            value = {"k": value}
+        return value
+
+    assert agrees(orjson.dumps(packet(messages=[message(0, metadata=nested(61))]))) is not None  # depth 64
+    assert agrees(orjson.dumps(packet(messages=[message(0, metadata=nested(62))]))) is None  # depth 65
+    for number, fast_path in ((b"1" * 40, True), (b"1" * 41, False), (b"-1." + b"5" * 37, True),
+                              (b"-1." + b"5" * 38, False), (b"1.5e99", True), (b"1.5E-99", True), (b"1e100", False)):
+        body = b'{"emitter_id":"a","packet_id":"p","x":%s,"messages":[{"timestamp":1,"level":"I","message":"m"}]}' % number
+        assert (agrees(body) is not None) is fast_path, number
+
+
 def test_the_scanner_reads_exact_bytes_and_leaves_the_rest_to_the_reference() -> None:
     """orjson takes bytes, bytearray, memoryview and str, and no subclass: only exact bytes are scanned."""
     body = orjson.dumps(packet())
